@@ -1,0 +1,113 @@
+// The hsoftmax op family: schemas (one TORCH_LIBRARY block), shared argument checks, and the
+// stub Python module that loads this library. Backends only add TORCH_LIBRARY_IMPL blocks.
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#include "hsoftmax.h"
+
+#ifdef WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#endif
+
+namespace hsoftmax {
+
+at::ScalarType coef_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& node_row_ptr,
+                        const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
+                        const at::Tensor& path_choice, const at::Tensor& target,
+                        int64_t max_path_rows) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (B, D), got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must have shape (V - 1, D), got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V - 1, D=",
+              hidden.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "hidden must be floating point, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ",
+              weight.scalar_type(), " must match hidden dtype ", hidden.scalar_type());
+  TORCH_CHECK(leaf_path_ptr.dim() == 1 && leaf_path_ptr.size(0) >= 2 &&
+                  leaf_path_ptr.scalar_type() == at::kLong,
+              "leaf_path_ptr must be an int64 tensor of shape (V + 1,)");
+  const int64_t num_leaves = leaf_path_ptr.size(0) - 1;
+  TORCH_CHECK(weight.size(0) == num_leaves - 1, "weight must have V - 1 = ", num_leaves - 1,
+              " rows for a tree of ", num_leaves, " leaves, got ", weight.size(0));
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == num_leaves - 1,
+                "bias must have shape (V - 1,) = (", num_leaves - 1, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "bias dtype ", bias->scalar_type(),
+                " must match hidden dtype ", hidden.scalar_type());
+  }
+  TORCH_CHECK(node_row_ptr.dim() == 1 && node_row_ptr.scalar_type() == at::kInt,
+              "node_row_ptr must be a 1-D int32 tensor");
+  TORCH_CHECK(path_node.dim() == 1 && path_node.scalar_type() == at::kInt,
+              "path_node must be a 1-D int32 tensor");
+  TORCH_CHECK(path_choice.sizes() == path_node.sizes() && path_choice.scalar_type() == at::kInt,
+              "path_choice must be an int32 tensor shaped like path_node");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0),
+              "target must have shape (B=", hidden.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(max_path_rows >= 0, "max_path_rows must be >= 0, got ", max_path_rows);
+  const auto device = hidden.device();
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor*>{"weight", &weight},
+        {"node_row_ptr", &node_row_ptr},
+        {"leaf_path_ptr", &leaf_path_ptr},
+        {"path_node", &path_node},
+        {"path_choice", &path_choice},
+        {"target", &target}}) {
+    TORCH_CHECK(t->device() == device, name, " is on ", t->device(), " but hidden is on ",
+                device);
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  }
+  TORCH_CHECK(hidden.is_contiguous(), "hidden must be contiguous");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == device, "bias is on ", bias->device(), " but hidden is on ",
+                device);
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+  }
+}
+
+// What this library was compiled against, read by hsoftmax/_build.py to refuse a mismatched
+// torch at import time instead of failing later with an obscure symbol or kernel error.
+static std::string build_info() {
+  std::string info = "torch=" TORCH_VERSION ";cuda=";
+#ifdef WITH_CUDA
+  info += std::to_string(CUDA_VERSION);
+#else
+  info += "none";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(hsoftmax, m) {
+  // log p(target | hidden) of every example, plus d log p / d logit for every weight row on the
+  // example's path (B, max_path_rows), which the backward consumes. Rows past the end of an
+  // example's path are zero.
+  m.def(
+      "path_log_prob_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor node_row_ptr, "
+      "Tensor leaf_path_ptr, Tensor path_node, Tensor path_choice, Tensor target, "
+      "int max_path_rows) -> (Tensor, Tensor)");
+  // Gradients of sum_b grad_log_prob[b] * log p_b w.r.t. (hidden, weight, bias); an output whose
+  // output_mask entry is false (or bias when has_bias is false) is returned empty.
+  m.def(
+      "path_log_prob_backward(Tensor grad_log_prob, Tensor grad_coef, Tensor hidden, "
+      "Tensor weight, Tensor node_row_ptr, Tensor leaf_path_ptr, Tensor path_node, "
+      "Tensor path_choice, Tensor target, bool has_bias, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace hsoftmax
+
+// A stub module: importing hsoftmax._C loads this library and runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

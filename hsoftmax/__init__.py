@@ -1,0 +1,12 @@
+"""hsoftmax: a fused hierarchical-softmax output head for PyTorch.
+
+``import hsoftmax`` loads the compiled op library (``torch.ops.hsoftmax.*``) and checks that it
+was built for the installed torch.
+"""
+
+from hsoftmax import ops
+from hsoftmax._build import cuda_version, has_cuda_kernels
+from hsoftmax.tree import Tree
+
+__version__ = "0.1.0"
+__all__ = ["Tree", "ops", "cuda_version", "has_cuda_kernels", "__version__"]

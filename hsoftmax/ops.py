@@ -1,0 +1,203 @@
+"""Typed, validated entry points to the ``torch.ops.hsoftmax`` op family.
+
+Dimension letters: B batch, D hidden size, V leaves (classes), R ``tree.max_path_rows``.
+
+The C++ library defines the schemas and the CPU/CUDA kernels; this file registers the autograd
+formula and the fake (meta) kernels, so the op works under ``torch.compile`` and passes
+``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hsoftmax import _build  # noqa: F401  (loads the library and checks its torch version)
+from hsoftmax.tree import Tree
+
+__all__ = ["path_log_prob"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def path_log_prob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tree: Tree,
+    target: torch.Tensor,
+) -> torch.Tensor:
+    r"""Log-probability of each target leaf under the hierarchical softmax over ``tree``.
+
+    .. math::
+        \log p(y \mid h) = \sum_{(n, j) \in \mathrm{path}(y)}
+            \Big(z_{n,j} - \log \sum_{k=0}^{c_n - 1} e^{z_{n,k}}\Big),\qquad
+        z_{n,0} = 0,\; z_{n,k} = w_{r_n + k - 1} \cdot h + b_{r_n + k - 1}
+
+    where the path visits internal node ``n`` (with ``c_n`` children, rows ``r_n ..``) and takes
+    its child ``j``. A binary tree gives word2vec/fastText's sigmoid hierarchical softmax.
+
+    Args:
+        hidden: (B, D) float16/bfloat16/float32/float64; reduced precisions accumulate in float32.
+        weight: (V - 1, D), same dtype and device as ``hidden``.
+        bias: (V - 1,) or None.
+        tree: the :class:`~hsoftmax.Tree` with V leaves.
+        target: (B,) integer leaf ids in ``[0, V)``.
+
+    Returns:
+        (B,) ``log p(target | hidden)`` in ``hidden``'s dtype, differentiable w.r.t. ``hidden``,
+        ``weight`` and ``bias``.
+
+    Determinism: the CPU forward and backward are bit-reproducible (the weight gradient is a
+    per-row sum in a fixed order). The CUDA weight/bias gradient uses atomic adds, so its last
+    bits may vary between runs; it raises under ``torch.use_deterministic_algorithms(True)``.
+    """
+    _check_args(hidden, weight, bias, tree, target)
+    compiled = tree.compiled(hidden.device)
+    log_prob, _ = torch.ops.hsoftmax.path_log_prob_forward(
+        hidden.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        compiled.node_row_ptr,
+        compiled.leaf_path_ptr,
+        compiled.path_node,
+        compiled.path_choice,
+        target.to(torch.int64).contiguous(),
+        tree.max_path_rows,
+    )
+    return log_prob
+
+
+def _check_args(hidden, weight, bias, tree, target) -> None:
+    """Validate at the door, with messages naming the argument: no kernel sees bad input."""
+    if not isinstance(tree, Tree):
+        raise TypeError(f"tree must be an hsoftmax.Tree, got {type(tree).__name__}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must have shape (B, D), got {tuple(hidden.shape)}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16/bfloat16/float32/float64, got {hidden.dtype}")
+    batch, dim = hidden.shape
+    rows = tree.num_leaves - 1
+    if tuple(weight.shape) != (rows, dim):
+        raise ValueError(
+            f"weight must have shape (V - 1, D) = ({rows}, {dim}) for a tree of {tree.num_leaves} "
+            f"leaves, got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"bias must have shape (V - 1,) = ({rows},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"target must have shape (B,) = ({batch},), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor (int64), got {target.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("target", target)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if target.numel() and not torch.compiler.is_compiling():
+        # Eager only: a data-dependent check would break a compiled graph. The CPU kernel checks
+        # again; the CUDA kernel writes NaN for an out-of-range target instead of reading memory.
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= tree.num_leaves:
+            bad = lo if lo < 0 else hi
+            index = int((target == bad).nonzero()[0, 0])
+            raise IndexError(
+                f"target[{index}] = {bad} is out of range for a tree of {tree.num_leaves} leaves "
+                f"(valid: 0 .. {tree.num_leaves - 1})"
+            )
+
+
+def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("hsoftmax::path_log_prob_forward")
+def _forward_fake(
+    hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice, target, max_path_rows
+):
+    batch = hidden.shape[0]
+    return (
+        hidden.new_empty((batch,)),
+        hidden.new_empty((batch, max_path_rows), dtype=_coef_dtype(hidden.dtype)),
+    )
+
+
+@torch.library.register_fake("hsoftmax::path_log_prob_backward")
+def _backward_fake(
+    grad_log_prob,
+    grad_coef,
+    hidden,
+    weight,
+    node_row_ptr,
+    leaf_path_ptr,
+    path_node,
+    path_choice,
+    target,
+    has_bias,
+    output_mask,
+):
+    grad_hidden = torch.empty_like(hidden) if output_mask[0] else hidden.new_empty((0,))
+    grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
+    grad_bias = (
+        weight.new_empty((weight.shape[0],))
+        if output_mask[2] and has_bias
+        else weight.new_empty((0,))
+    )
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice, target, _ = inputs
+    _, coef = output
+    ctx.mark_non_differentiable(coef)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(
+        hidden, weight, coef, node_row_ptr, leaf_path_ptr, path_node, path_choice, target
+    )
+
+
+def _backward(ctx, grad_log_prob, _grad_coef):
+    hidden, weight, coef, node_row_ptr, leaf_path_ptr, path_node, path_choice, target = (
+        ctx.saved_tensors
+    )
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+    ]
+    grad_hidden, grad_weight, grad_bias = torch.ops.hsoftmax.path_log_prob_backward(
+        grad_log_prob.contiguous(),
+        coef,
+        hidden,
+        weight,
+        node_row_ptr,
+        leaf_path_ptr,
+        path_node,
+        path_choice,
+        target,
+        ctx.has_bias,
+        mask,
+    )
+    return (
+        grad_hidden if mask[0] else None,
+        grad_weight if mask[1] else None,
+        grad_bias if mask[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "hsoftmax::path_log_prob_forward", _backward, setup_context=_setup_context
+)
