@@ -56,7 +56,9 @@ def extensions():
     with_cuda = _want_cuda()
     debug = _flag("DEBUG")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O3", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for only runs in parallel when _OPENMP is defined in our TU too.
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-fopenmp"]
     cxx += ["-std=c++20", "-Wall", "-Wno-unknown-pragmas"]
     macros = []
     kwargs = {}
@@ -74,7 +76,11 @@ def extensions():
         kwargs["extra_compile_args"] = {"cxx": cxx}
         kwargs["include_dirs"] = [os.path.join(ROOT, "csrc")]
     print(f"hsoftmax: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels", flush=True)
-    return [extension("hsoftmax._C", sources, define_macros=macros, **kwargs)]
+    return [
+        extension(
+            "hsoftmax._C", sources, define_macros=macros, extra_link_args=["-fopenmp"], **kwargs
+        )
+    ]
 
 
 setup(

@@ -6,7 +6,6 @@
 #pragma once
 
 #include <cmath>
-#include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HSM_HOST_DEVICE __host__ __device__ __forceinline__
@@ -22,61 +21,45 @@ HSM_HOST_DEVICE double exp_(double x) { return exp(x); }
 HSM_HOST_DEVICE float log_(float x) { return logf(x); }
 HSM_HOST_DEVICE double log_(double x) { return log(x); }
 
-// Running log-sum-exp: the value is max + log(sum) with sum = sum_j exp(x_j - max).
-// Subtracting the running max keeps every exp() argument <= 0, so nothing overflows.
+// d log p / d z_k of a node from e_k = exp(z_k - max) and 1 / sum_j exp(z_j - max), the sum
+// including the implicit first child: 1[k taken] - softmax_k.
 template <typename T>
-struct LogSumExp {
-  T max;
-  T sum;
-
-  // Start from the implicit first child (logit 0): exp(0 - 0) = 1.
-  HSM_HOST_DEVICE static LogSumExp with_implicit_zero() { return {T(0), T(1)}; }
-  // The empty accumulator, for partial sums that do not own the implicit child.
-  HSM_HOST_DEVICE static LogSumExp empty() {
-    return {-std::numeric_limits<T>::infinity(), T(0)};
-  }
-
-  HSM_HOST_DEVICE void push(T x) {
-    if (x > max) {
-      sum = sum * exp_(max - x) + T(1);
-      max = x;
-    } else {
-      sum += exp_(x - max);
-    }
-  }
-
-  HSM_HOST_DEVICE void merge(const LogSumExp& o) {
-    if (o.sum == T(0)) return;
-    if (sum == T(0)) {
-      *this = o;
-    } else if (o.max > max) {
-      sum = sum * exp_(max - o.max) + o.sum;
-      max = o.max;
-    } else {
-      sum += o.sum * exp_(o.max - max);
-    }
-  }
-
-  HSM_HOST_DEVICE T value() const { return max + log_(sum); }
-};
-
-// d log p / d z_k for logit k of a node whose log-normaliser is `lse`: 1[k taken] - softmax_k.
-template <typename T>
-HSM_HOST_DEVICE T grad_coef(T z, T lse, bool taken) {
-  return (taken ? T(1) : T(0)) - exp_(z - lse);
+HSM_HOST_DEVICE T softmax_grad_coef(T e, T inv_sum, bool taken) {
+  return (taken ? T(1) : T(0)) - e * inv_sum;
 }
 
-// Fused step for one node on a host path (the CUDA kernel runs the same three pieces spread
-// over a warp): z[0..n) holds the logits of children 1..n on entry and d log p / d z on exit;
-// returns the log-probability of child `choice` (0 = the implicit first child).
+// log p and d log p / dz of a binary node (one logit z for the second child) with one exp and one
+// log: log sigma(z) = min(z, 0) - log(1 + exp(-|z|)) never overflows. log(1 + e) rather than
+// log1p(e): glibc's log1pf is several times slower than logf, and for e < eps the absolute error
+// (<= e) is far below the tolerance of a log-probability.
+template <typename T>
+HSM_HOST_DEVICE T binary_node_log_softmax(T* z, int choice) {
+  const T x = z[0];
+  const T e = exp_(x >= T(0) ? -x : x);
+  const T p_second = (x >= T(0) ? T(1) : e) / (T(1) + e);  // sigma(x)
+  z[0] = (choice == 1 ? T(1) : T(0)) - p_second;
+  const T lse = (x > T(0) ? x : T(0)) + log_(T(1) + e);
+  return (choice == 1 ? x : T(0)) - lse;
+}
+
+// Fused step for one node (the CUDA kernel runs the same formulas with the max and the sum
+// reduced across a warp): z[0..n) holds the logits of children 1..n on entry and d log p / d z
+// on exit; returns the log-probability of child `choice` (0 = the implicit first child).
+// n + 1 exps and one log: each exp(z_k - max) is reused for the gradient coefficient.
 template <typename T>
 HSM_HOST_DEVICE T node_log_softmax(T* z, int n, int choice) {
-  LogSumExp<T> acc = LogSumExp<T>::with_implicit_zero();
-  for (int k = 0; k < n; ++k) acc.push(z[k]);
-  const T lse = acc.value();
+  if (n == 1) return binary_node_log_softmax(z, choice);
+  T m = T(0);
+  for (int k = 0; k < n; ++k) m = z[k] > m ? z[k] : m;
   const T picked = choice == 0 ? T(0) : z[choice - 1];
-  for (int k = 0; k < n; ++k) z[k] = grad_coef(z[k], lse, k + 1 == choice);
-  return picked - lse;
+  T sum = exp_(-m);
+  for (int k = 0; k < n; ++k) {
+    z[k] = exp_(z[k] - m);
+    sum += z[k];
+  }
+  const T inv = T(1) / sum;
+  for (int k = 0; k < n; ++k) z[k] = softmax_grad_coef(z[k], inv, k + 1 == choice);
+  return picked - (m + log_(sum));
 }
 
 }  // namespace math

@@ -7,6 +7,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../hsoftmax.h"
@@ -20,20 +22,41 @@ namespace {
 constexpr int64_t kBatchGrain = 16;
 constexpr int64_t kRowGrain = 64;
 
-// Dot product accumulated in acc_t. The simd reduction order is fixed at compile time, so the
-// result is deterministic for a given build.
+// The hot loops are compiled twice and picked at load time (GCC/Clang function multi-versioning):
+// AVX2+FMA where the CPU has it, baseline x86-64 otherwise. Results are deterministic on a given
+// machine; FMA may change the last bits between machines.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(HSM_NO_CLONES)
+#define HSM_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define HSM_CPU_CLONES
+#endif
+
+// Dot product accumulated in acc_t over kLanes independent partial sums: the compiler maps them
+// onto SIMD registers without -ffast-math, and enough of them hide the add latency. The summation
+// order is fixed, so results are deterministic.
+constexpr int kLanes = 16;
+
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
-  return acc;
+  acc_t lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
+    }
+  }
+  for (int j = 0; d + j < n; ++j) {  // tail: the first n % kLanes lanes take one more term
+    lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+  }
+  return lane[0];
 }
 
 // out[d] += alpha * x[d]
 template <typename scalar_t, typename acc_t>
 inline void axpy(acc_t alpha, const scalar_t* __restrict__ x, acc_t* __restrict__ out, int64_t n) {
-#pragma omp simd
   for (int64_t d = 0; d < n; ++d) out[d] += alpha * static_cast<acc_t>(x[d]);
 }
 
@@ -59,42 +82,126 @@ void check_targets(const int64_t* target, int64_t batch, int64_t num_leaves) {
   }
 }
 
+// Raw views of one call's tensors, so the hot loops below are plain functions that can be cloned
+// per instruction set (lambdas handed to at::parallel_for cannot carry a target attribute).
+template <typename scalar_t>
+struct Args {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* hidden;
+  const scalar_t* weight;
+  const scalar_t* bias;  // may be null
+  const scalar_t* grad_log_prob;
+  const int64_t* target;
+  acc_t* coef;  // (B, rows): forward writes it, backward reads it
+  int64_t dim, rows;
+  TreeView tree;
+};
+
+// Calls fn(row, entry) for every weight row on example b's path, entry = index into coef[b].
+template <typename F>
+inline void for_each_path_row(const TreeView& tree, int64_t y, F&& fn) {
+  int64_t e = 0;
+  for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
+    const int32_t node = tree.path_node[s];
+    const int64_t r0 = tree.node_row_ptr[node];
+    const int n = tree.node_row_ptr[node + 1] - r0;
+    for (int k = 0; k < n; ++k, ++e) fn(r0 + k, e);
+  }
+}
+
+template <typename scalar_t>
+HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_t begin,
+                                  int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const TreeView& tree = a.tree;
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* h = a.hidden + b * a.dim;
+    acc_t* z = a.coef + b * a.rows;
+    const int64_t y = a.target[b];
+    acc_t lp = 0;
+    int64_t e = 0;
+    for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
+      const int32_t node = tree.path_node[s];
+      const int64_t r0 = tree.node_row_ptr[node];
+      const int n = tree.node_row_ptr[node + 1] - r0;
+      for (int k = 0; k < n; ++k) {
+        const int64_t r = r0 + k;
+        z[e + k] = dot<scalar_t, acc_t>(h, a.weight + r * a.dim, a.dim) +
+                   (a.bias ? static_cast<acc_t>(a.bias[r]) : acc_t(0));
+      }
+      lp += math::node_log_softmax(z + e, n, tree.path_choice[s]);
+      e += n;
+    }
+    for (; e < a.rows; ++e) z[e] = 0;
+    out[b] = static_cast<scalar_t>(lp);
+  }
+}
+
+// grad_hidden[b] = sum over the rows r on b's path of g[b] * coef[b, e] * weight[r].
+template <typename scalar_t>
+HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hidden,
+                                      int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> acc(a.dim);
+  for (int64_t b = begin; b < end; ++b) {
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+    const acc_t gb = static_cast<acc_t>(a.grad_log_prob[b]);
+    const acc_t* c = a.coef + b * a.rows;
+    for_each_path_row(a.tree, a.target[b], [&](int64_t r, int64_t e) {
+      axpy<scalar_t, acc_t>(gb * c[e], a.weight + r * a.dim, acc.data(), a.dim);
+    });
+    scalar_t* gh = grad_hidden + b * a.dim;
+    for (int64_t d = 0; d < a.dim; ++d) gh[d] = static_cast<scalar_t>(acc[d]);
+  }
+}
+
+// Rows [begin, end) of grad_weight / grad_bias from the entries grouped by row (see below).
+template <typename scalar_t>
+HSM_CPU_CLONES void grad_weight_range(const Args<scalar_t>& a, const int64_t* row_ptr,
+                                      const int64_t* entry_coef, scalar_t* grad_weight,
+                                      scalar_t* grad_bias, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = a.dim;
+  std::vector<acc_t> acc(grad_weight ? dim : 0);
+  for (int64_t r = begin; r < end; ++r) {
+    acc_t bias_acc = 0;
+    const bool touched = row_ptr[r] < row_ptr[r + 1];
+    if (grad_weight && touched) std::fill(acc.begin(), acc.end(), acc_t(0));
+    for (int64_t j = row_ptr[r]; j < row_ptr[r + 1]; ++j) {
+      const int64_t b = entry_coef[j] / a.rows;  // coef is (B, rows), row-major
+      const acc_t cb = static_cast<acc_t>(a.grad_log_prob[b]) * a.coef[entry_coef[j]];
+      bias_acc += cb;
+      if (grad_weight) axpy<scalar_t, acc_t>(cb, a.hidden + b * dim, acc.data(), dim);
+    }
+    if (grad_weight) {
+      scalar_t* gw = grad_weight + r * dim;
+      if (touched) {
+        for (int64_t d = 0; d < dim; ++d) gw[d] = static_cast<scalar_t>(acc[d]);
+      } else {  // most rows of a large tree are on no path of this batch
+        std::memset(gw, 0, dim * sizeof(scalar_t));
+      }
+    }
+    if (grad_bias) grad_bias[r] = static_cast<scalar_t>(bias_acc);
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const TreeView& tree,
                     const at::Tensor& target, at::Tensor& log_prob, at::Tensor& coef) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = hidden.size(0), dim = hidden.size(1), rows = coef.size(1);
-  const scalar_t* h_all = hidden.data_ptr<scalar_t>();
-  const scalar_t* w = weight.data_ptr<scalar_t>();
-  const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-  const int64_t* tgt = target.data_ptr<int64_t>();
+  const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
+                         weight.data_ptr<scalar_t>(),
+                         bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                         nullptr,
+                         target.data_ptr<int64_t>(),
+                         coef.data_ptr<acc_t>(),
+                         hidden.size(1),
+                         coef.size(1),
+                         tree};
   scalar_t* out = log_prob.data_ptr<scalar_t>();
-  acc_t* coef_all = coef.data_ptr<acc_t>();
-
-  at::parallel_for(0, batch, kBatchGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* h = h_all + b * dim;
-      acc_t* z = coef_all + b * rows;
-      const int64_t y = tgt[b];
-      acc_t lp = 0;
-      int64_t e = 0;
-      for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
-        const int32_t node = tree.path_node[s];
-        const int64_t r0 = tree.node_row_ptr[node];
-        const int n = tree.node_row_ptr[node + 1] - r0;
-        for (int k = 0; k < n; ++k) {
-          const int64_t r = r0 + k;
-          z[e + k] = dot<scalar_t, acc_t>(h, w + r * dim, dim) +
-                     (bias_ptr ? static_cast<acc_t>(bias_ptr[r]) : acc_t(0));
-        }
-        lp += math::node_log_softmax(z + e, n, tree.path_choice[s]);
-        e += n;
-      }
-      for (; e < rows; ++e) z[e] = 0;
-      out[b] = static_cast<scalar_t>(lp);
-    }
-  });
+  at::parallel_for(0, hidden.size(0), kBatchGrain,
+                   [&](int64_t begin, int64_t end) { forward_range(a, out, begin, end); });
 }
 
 std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
@@ -122,87 +229,43 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                      const at::Tensor& target, at::Tensor* grad_hidden, at::Tensor* grad_weight,
                      at::Tensor* grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = hidden.size(0), dim = hidden.size(1), rows = coef.size(1);
-  const int64_t num_rows = weight.size(0);
-  const scalar_t* h_all = hidden.data_ptr<scalar_t>();
-  const scalar_t* w = weight.data_ptr<scalar_t>();
-  const scalar_t* g = grad_log_prob.data_ptr<scalar_t>();
-  const acc_t* coef_all = coef.data_ptr<acc_t>();
-  const int64_t* tgt = target.data_ptr<int64_t>();
+  const int64_t batch = hidden.size(0), num_rows = weight.size(0);
+  const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
+                         weight.data_ptr<scalar_t>(),
+                         nullptr,
+                         grad_log_prob.data_ptr<scalar_t>(),
+                         target.data_ptr<int64_t>(),
+                         const_cast<acc_t*>(coef.data_ptr<acc_t>()),
+                         hidden.size(1),
+                         coef.size(1),
+                         tree};
 
-  // grad_hidden[b] = sum over the rows r on b's path of g[b] * coef[b, e] * weight[r].
   if (grad_hidden != nullptr) {
-    scalar_t* gh_all = grad_hidden->data_ptr<scalar_t>();
-    at::parallel_for(0, batch, kBatchGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(dim);
-      for (int64_t b = begin; b < end; ++b) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const acc_t gb = static_cast<acc_t>(g[b]);
-        const acc_t* c = coef_all + b * rows;
-        const int64_t y = tgt[b];
-        int64_t e = 0;
-        for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
-          const int32_t node = tree.path_node[s];
-          const int64_t r0 = tree.node_row_ptr[node];
-          const int n = tree.node_row_ptr[node + 1] - r0;
-          for (int k = 0; k < n; ++k, ++e) {
-            axpy<scalar_t, acc_t>(gb * c[e], w + (r0 + k) * dim, acc.data(), dim);
-          }
-        }
-        scalar_t* gh = gh_all + b * dim;
-        for (int64_t d = 0; d < dim; ++d) gh[d] = static_cast<scalar_t>(acc[d]);
-      }
-    });
+    scalar_t* gh = grad_hidden->data_ptr<scalar_t>();
+    at::parallel_for(0, batch, kBatchGrain,
+                     [&](int64_t begin, int64_t end) { grad_hidden_range(a, gh, begin, end); });
   }
-
   if (grad_weight == nullptr && grad_bias == nullptr) return;
 
   // Group the (example, path entry) pairs by the weight row they touch with a stable counting
   // sort, so each row's gradient is one thread's sum in increasing example order: no atomics, no
   // races, and bit-identical results for any thread count.
-  std::vector<int64_t> row_ptr(num_rows + 1, 0);
-  auto for_each_entry = [&](auto&& fn) {
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t y = tgt[b];
-      int64_t e = 0;
-      for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
-        const int32_t node = tree.path_node[s];
-        const int64_t r0 = tree.node_row_ptr[node];
-        const int n = tree.node_row_ptr[node + 1] - r0;
-        for (int k = 0; k < n; ++k, ++e) fn(r0 + k, b, b * rows + e);
-      }
-    }
-  };
-  for_each_entry([&](int64_t r, int64_t, int64_t) { ++row_ptr[r + 1]; });
-  for (int64_t r = 0; r < num_rows; ++r) row_ptr[r + 1] += row_ptr[r];
-  std::vector<int64_t> fill(row_ptr.begin(), row_ptr.end() - 1);
-  std::vector<int64_t> entry_example(row_ptr[num_rows]);
-  std::vector<int64_t> entry_coef(row_ptr[num_rows]);
-  for_each_entry([&](int64_t r, int64_t b, int64_t idx) {
-    const int64_t slot = fill[r]++;
-    entry_example[slot] = b;
-    entry_coef[slot] = idx;
-  });
-
-  scalar_t* gw_all = grad_weight ? grad_weight->data_ptr<scalar_t>() : nullptr;
-  scalar_t* gb_all = grad_bias ? grad_bias->data_ptr<scalar_t>() : nullptr;
+  // row_ptr is offset by one during the fill so the cursors end up as the row starts (no copy).
+  std::vector<int64_t> row_ptr(num_rows + 2, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for_each_path_row(tree, a.target[b], [&](int64_t r, int64_t) { ++row_ptr[r + 2]; });
+  }
+  for (int64_t r = 0; r < num_rows; ++r) row_ptr[r + 2] += row_ptr[r + 1];
+  const int64_t num_entries = row_ptr[num_rows + 1];
+  std::unique_ptr<int64_t[]> entry_coef(new int64_t[num_entries]);  // index into coef (B, rows)
+  for (int64_t b = 0; b < batch; ++b) {
+    for_each_path_row(tree, a.target[b],
+                      [&](int64_t r, int64_t e) { entry_coef[row_ptr[r + 1]++] = b * a.rows + e; });
+  }
+  scalar_t* gw = grad_weight ? grad_weight->data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = grad_bias ? grad_bias->data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, num_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(gw_all ? dim : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t bias_acc = 0;
-      for (int64_t j = row_ptr[r]; j < row_ptr[r + 1]; ++j) {
-        const int64_t b = entry_example[j];
-        const acc_t cb = static_cast<acc_t>(g[b]) * coef_all[entry_coef[j]];
-        bias_acc += cb;
-        if (gw_all) axpy<scalar_t, acc_t>(cb, h_all + b * dim, acc.data(), dim);
-      }
-      if (gw_all) {
-        scalar_t* gw = gw_all + r * dim;
-        for (int64_t d = 0; d < dim; ++d) gw[d] = static_cast<scalar_t>(acc[d]);
-      }
-      if (gb_all) gb_all[r] = static_cast<scalar_t>(bias_acc);
-    }
+    grad_weight_range(a, row_ptr.data(), entry_coef.get(), gw, gb, begin, end);
   });
 }
 
