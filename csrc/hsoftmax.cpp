@@ -1,12 +1,12 @@
 // The hsoftmax op family: schemas (one TORCH_LIBRARY block), shared argument checks, and the
 // stub Python module that loads this library. Backends only add TORCH_LIBRARY_IMPL blocks.
+#include "hsoftmax.h"
+
 #include <Python.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
 #include <string>
-
-#include "hsoftmax.h"
 
 #ifdef WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
@@ -25,12 +25,12 @@ void check_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
                         int64_t max_path_rows) {
   TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (B, D), got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must have shape (V - 1, D), got ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V - 1, D=",
-              hidden.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V - 1, D=", hidden.size(1),
+              "), got ", weight.sizes());
   TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "hidden must be floating point, got ",
               hidden.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ",
-              weight.scalar_type(), " must match hidden dtype ", hidden.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " must match hidden dtype ", hidden.scalar_type());
   TORCH_CHECK(leaf_path_ptr.dim() == 1 && leaf_path_ptr.size(0) >= 2 &&
                   leaf_path_ptr.scalar_type() == at::kLong,
               "leaf_path_ptr must be an int64 tensor of shape (V + 1,)");
@@ -55,15 +55,13 @@ void check_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
               target.scalar_type());
   TORCH_CHECK(max_path_rows >= 0, "max_path_rows must be >= 0, got ", max_path_rows);
   const auto device = hidden.device();
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor*>{"weight", &weight},
-        {"node_row_ptr", &node_row_ptr},
-        {"leaf_path_ptr", &leaf_path_ptr},
-        {"path_node", &path_node},
-        {"path_choice", &path_choice},
-        {"target", &target}}) {
-    TORCH_CHECK(t->device() == device, name, " is on ", t->device(), " but hidden is on ",
-                device);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weight", &weight},
+                                {"node_row_ptr", &node_row_ptr},
+                                {"leaf_path_ptr", &leaf_path_ptr},
+                                {"path_node", &path_node},
+                                {"path_choice", &path_choice},
+                                {"target", &target}}) {
+    TORCH_CHECK(t->device() == device, name, " is on ", t->device(), " but hidden is on ", device);
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
   TORCH_CHECK(hidden.is_contiguous(), "hidden must be contiguous");

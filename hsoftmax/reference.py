@@ -45,8 +45,8 @@ def log_prob_all(
     v = tree.num_leaves
     parents = tree.parents
     batch = hidden.shape[0]
-    if v == 1:
-        return hidden.new_zeros((batch, 1))
+    if v == 1:  # a single leaf is certain; keep the graph connected so grads are zeros
+        return (hidden * 0).sum(1, keepdim=True)
     nodes, parent_idx, position, row = _layout(parents, v)
     device = hidden.device
     nodes, parent_idx, row = nodes.to(device), parent_idx.to(device), row.to(device)
@@ -95,7 +95,7 @@ def path_log_prob(
     """(B,) log p(target | hidden) by gathering each example's path rows (B, L, C - 1, D)."""
     rows, choice, valid = _padded_paths(tree, hidden.device)
     if rows.shape[1] == 0:
-        return hidden.new_zeros(target.shape)
+        return (hidden * 0).sum(1)
     r = rows[target]  # (B, L, C-1), -1 where a node has fewer children or the path ended
     w = weight[r.clamp_min(0)]  # (B, L, C-1, D)
     z = torch.einsum("bd,blcd->blc", hidden, w)

@@ -23,8 +23,8 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,8 +35,7 @@ _FORMAT = "hsoftmax-tree"
 _FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class _Compiled:
+class _Compiled(NamedTuple):
     """The flat tensors the kernels take (int32 values, int64 offsets), on one device."""
 
     node_row_ptr: torch.Tensor  # (M + 1,) int32: rows of internal node i are [ptr[i], ptr[i+1])
@@ -237,7 +236,7 @@ class Tree:
         cached = self._device_cache.get(device)
         if cached is None:
             cpu = self._device_cache[torch.device("cpu")]
-            cached = _Compiled(*(t.to(device) for t in _astuple(cpu)))
+            cached = _Compiled(*(t.to(device) for t in cpu))
             self._device_cache[device] = cached
         return cached
 
@@ -382,10 +381,6 @@ class Tree:
             path_node=torch.from_numpy(path_node),
             path_choice=torch.from_numpy(path_choice),
         )
-
-
-def _astuple(c: _Compiled) -> tuple[torch.Tensor, ...]:
-    return (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
 
 
 def _positive_int(value, name: str) -> int:

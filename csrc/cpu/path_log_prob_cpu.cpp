@@ -139,8 +139,8 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
 
 // grad_hidden[b] = sum over the rows r on b's path of g[b] * coef[b, e] * weight[r].
 template <typename scalar_t>
-HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hidden,
-                                      int64_t begin, int64_t end) {
+HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hidden, int64_t begin,
+                                      int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> acc(a.dim);
   for (int64_t b = begin; b < end; ++b) {
@@ -215,11 +215,9 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
                         hidden.options().dtype(coef_dtype(hidden.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(),
-                                  "path_log_prob_forward_cpu", [&] {
-                                    forward_kernel<scalar_t>(hidden, weight, bias, tree, target,
-                                                             log_prob, coef);
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_forward_cpu",
+      [&] { forward_kernel<scalar_t>(hidden, weight, bias, tree, target, log_prob, coef); });
   return {log_prob, coef};
 }
 

@@ -57,16 +57,13 @@ __device__ __forceinline__ acc_t warp_dot(const scalar_t* __restrict__ a,
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(const scalar_t* __restrict__ hidden,
-                               const scalar_t* __restrict__ weight,
-                               const scalar_t* __restrict__ bias,
-                               const int32_t* __restrict__ node_row_ptr,
-                               const int64_t* __restrict__ leaf_path_ptr,
-                               const int32_t* __restrict__ path_node,
-                               const int32_t* __restrict__ path_choice,
-                               const int64_t* __restrict__ target, int64_t batch, int64_t dim,
-                               int64_t rows, int64_t num_leaves, scalar_t* __restrict__ log_prob,
-                               acc_t* __restrict__ coef) {
+__global__ void forward_kernel(
+    const scalar_t* __restrict__ hidden, const scalar_t* __restrict__ weight,
+    const scalar_t* __restrict__ bias, const int32_t* __restrict__ node_row_ptr,
+    const int64_t* __restrict__ leaf_path_ptr, const int32_t* __restrict__ path_node,
+    const int32_t* __restrict__ path_choice, const int64_t* __restrict__ target, int64_t batch,
+    int64_t dim, int64_t rows, int64_t num_leaves, scalar_t* __restrict__ log_prob,
+    acc_t* __restrict__ coef) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (b >= batch) return;
@@ -123,15 +120,12 @@ __global__ void forward_kernel(const scalar_t* __restrict__ hidden,
 
 // grad_hidden[b, d] = sum over b's path rows of g[b] * coef[b, e] * weight[r, d]; lanes own d.
 template <typename scalar_t, typename acc_t>
-__global__ void grad_hidden_kernel(const scalar_t* __restrict__ grad_log_prob,
-                                   const acc_t* __restrict__ coef,
-                                   const scalar_t* __restrict__ weight,
-                                   const int32_t* __restrict__ node_row_ptr,
-                                   const int64_t* __restrict__ leaf_path_ptr,
-                                   const int32_t* __restrict__ path_node,
-                                   const int64_t* __restrict__ target, int64_t batch, int64_t dim,
-                                   int64_t rows, int64_t num_leaves,
-                                   scalar_t* __restrict__ grad_hidden) {
+__global__ void grad_hidden_kernel(
+    const scalar_t* __restrict__ grad_log_prob, const acc_t* __restrict__ coef,
+    const scalar_t* __restrict__ weight, const int32_t* __restrict__ node_row_ptr,
+    const int64_t* __restrict__ leaf_path_ptr, const int32_t* __restrict__ path_node,
+    const int64_t* __restrict__ target, int64_t batch, int64_t dim, int64_t rows,
+    int64_t num_leaves, scalar_t* __restrict__ grad_hidden) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (b >= batch) return;
@@ -159,15 +153,12 @@ __global__ void grad_hidden_kernel(const scalar_t* __restrict__ grad_log_prob,
 // grad_weight[r] += g[b] * coef[b, e] * hidden[b], grad_bias[r] += g[b] * coef[b, e]; atomics
 // into acc_t buffers (float for half/bfloat16 weights).
 template <typename scalar_t, typename acc_t>
-__global__ void grad_weight_kernel(const scalar_t* __restrict__ grad_log_prob,
-                                   const acc_t* __restrict__ coef,
-                                   const scalar_t* __restrict__ hidden,
-                                   const int32_t* __restrict__ node_row_ptr,
-                                   const int64_t* __restrict__ leaf_path_ptr,
-                                   const int32_t* __restrict__ path_node,
-                                   const int64_t* __restrict__ target, int64_t batch, int64_t dim,
-                                   int64_t rows, int64_t num_leaves,
-                                   acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias) {
+__global__ void grad_weight_kernel(
+    const scalar_t* __restrict__ grad_log_prob, const acc_t* __restrict__ coef,
+    const scalar_t* __restrict__ hidden, const int32_t* __restrict__ node_row_ptr,
+    const int64_t* __restrict__ leaf_path_ptr, const int32_t* __restrict__ path_node,
+    const int64_t* __restrict__ target, int64_t batch, int64_t dim, int64_t rows,
+    int64_t num_leaves, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias) {
   const int lane = threadIdx.x % kWarp;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (b >= batch) return;
