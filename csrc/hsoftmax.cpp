@@ -2,7 +2,9 @@
 // stub Python module that loads this library. Backends only add TORCH_LIBRARY_IMPL blocks.
 #include "hsoftmax.h"
 
+#ifndef HSM_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -99,13 +101,27 @@ TORCH_LIBRARY(hsoftmax, m) {
       "Tensor weight, Tensor node_row_ptr, Tensor leaf_path_ptr, Tensor path_node, "
       "Tensor path_choice, Tensor target, bool has_bias, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+  // Exact top-k leaves of every example by best-first search over the tree: values (B, k) are
+  // log-probabilities, indices (B, k) leaf ids, ordered by log-prob desc, then leaf id asc.
+  m.def(
+      "topk_leaves(Tensor hidden, Tensor weight, Tensor? bias, Tensor child_ptr, "
+      "Tensor children, Tensor node_row_ptr, int root, int k) -> (Tensor, Tensor)");
+  // 1-based rank (B,) of each target leaf in that order, by a depth-first search pruned to the
+  // subtrees whose prefix log-prob is >= the target's.
+  m.def(
+      "leaf_rank(Tensor hidden, Tensor weight, Tensor? bias, Tensor child_ptr, Tensor children, "
+      "Tensor node_row_ptr, Tensor leaf_path_ptr, Tensor path_node, Tensor path_choice, "
+      "int root, Tensor target) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }
 
 }  // namespace hsoftmax
 
+#ifndef HSM_NO_PYTHON
 // A stub module: importing hsoftmax._C loads this library and runs the registrations above.
+// (The CMake build for the C++ tests defines HSM_NO_PYTHON and links the library directly.)
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+#endif

@@ -1,0 +1,358 @@
+// CPU kernels of the exact tree searches: top-k leaves (best-first search) and the rank of a
+// target leaf (pruned depth-first search), both parallel over the batch.
+//
+// Why they are exact: a leaf's log-probability is the sum of its path's log p(child | node),
+// each <= 0, so a node's prefix log-probability bounds every leaf below it from above.
+//  * top-k: nodes leave a max-heap in order of prefix; the first k leaves popped are the top k.
+//    A node whose prefix is below the k-th best leaf already pushed is never pushed.
+//  * rank: only subtrees whose prefix is >= log p(target) can hold a leaf ranked before it.
+//
+// Every prefix is accumulated root-down as prefix(parent) + log p(child | parent), with one
+// function computing a node's children's log-probabilities, so a leaf gets bit-identical values in
+// both searches (and a target's rank equals its position in the full top-V list).
+//
+// Tie rule: leaves are ordered by log-probability descending, then leaf id ascending.
+// NaN log-probabilities (from NaN inputs) are treated as -inf so the heap order stays well-defined.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace hsoftmax {
+namespace {
+
+// One example's search costs from a few dozen to V dot products: tiny chunks balance the load.
+constexpr int64_t kSearchGrain = 4;
+
+// Same instruction-set cloning as the path_log_prob kernel: AVX2+FMA where the CPU has it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(HSM_NO_CLONES)
+#define HSM_SEARCH_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define HSM_SEARCH_CLONES
+#endif
+
+constexpr int kLanes = 16;
+
+// Dot product over kLanes independent partial sums in a fixed order (deterministic).
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
+  acc_t lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
+    }
+  }
+  for (int j = 0; d + j < n; ++j) {
+    lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+  }
+  return lane[0];
+}
+
+template <typename acc_t>
+inline acc_t nan_to_neg_inf(acc_t x) {
+  return std::isnan(x) ? -std::numeric_limits<acc_t>::infinity() : x;
+}
+
+// Raw views of one call's tensors. Node ids: leaves 0 .. V-1, internal node i has id V + i.
+template <typename scalar_t>
+struct SearchArgs {
+  const scalar_t* hidden;
+  const scalar_t* weight;
+  const scalar_t* bias;  // may be null
+  const int64_t* child_ptr;
+  const int32_t* children;
+  const int32_t* node_row_ptr;
+  int64_t dim, num_leaves, root;
+};
+
+// log p(child k | node) for every child k of internal node `node` into out[0 .. c), returns c.
+// Child 0 has logit 0, child k >= 1 the logit of row node_row_ptr[i] + k - 1.
+template <typename scalar_t, typename acc_t>
+inline int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h, int64_t node,
+                           acc_t* out) {
+  const int64_t i = node - a.num_leaves;
+  const int c = static_cast<int>(a.child_ptr[i + 1] - a.child_ptr[i]);
+  const int64_t r0 = a.node_row_ptr[i];
+  out[0] = 0;
+  for (int k = 1; k < c; ++k) {
+    const int64_t r = r0 + k - 1;
+    out[k] = dot<scalar_t, acc_t>(h, a.weight + r * a.dim, a.dim) +
+             (a.bias ? static_cast<acc_t>(a.bias[r]) : acc_t(0));
+  }
+  acc_t m = 0;
+  for (int k = 1; k < c; ++k) m = out[k] > m ? out[k] : m;
+  acc_t sum = 0;
+  for (int k = 0; k < c; ++k) sum += std::exp(out[k] - m);
+  const acc_t lse = m + std::log(sum);
+  for (int k = 0; k < c; ++k) out[k] = nan_to_neg_inf(out[k] - lse);
+  return c;
+}
+
+template <typename acc_t>
+struct Entry {
+  acc_t log_prob;
+  int64_t node;
+};
+
+// std::priority_queue order: "a comes out after b". Higher log-prob first; on equal log-prob an
+// internal node before a leaf (it may hold an equal leaf with a smaller id), leaves by id.
+template <typename acc_t>
+struct After {
+  int64_t num_leaves;
+  bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
+    if (a.log_prob != b.log_prob) return a.log_prob < b.log_prob;
+    const bool a_internal = a.node >= num_leaves, b_internal = b.node >= num_leaves;
+    if (a_internal != b_internal) return b_internal;
+    return a.node > b.node;
+  }
+};
+
+template <typename scalar_t>
+HSM_SEARCH_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max_children,
+                                  scalar_t* values, int64_t* indices, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> local(max_children);
+  std::vector<Entry<acc_t>> heap;  // max-heap of nodes to expand, in After order
+  std::vector<acc_t> kept;         // min-heap: the k best leaf log-probs pushed so far
+  const After<acc_t> after{a.num_leaves};
+  const std::greater<acc_t> min_first;
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* h = a.hidden + b * a.dim;
+    heap.clear();
+    kept.clear();
+    heap.push_back({acc_t(0), a.root});
+    int64_t found = 0;
+    while (found < k && !heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), after);
+      const Entry<acc_t> top = heap.back();
+      heap.pop_back();
+      if (top.node < a.num_leaves) {
+        values[b * k + found] = static_cast<scalar_t>(top.log_prob);
+        indices[b * k + found] = top.node;
+        ++found;
+        continue;
+      }
+      const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local.data());
+      const int64_t first = a.child_ptr[top.node - a.num_leaves];
+      for (int j = 0; j < c; ++j) {
+        const acc_t lp = top.log_prob + local[j];
+        // Strictly below the k-th best known leaf: nothing in there can make the top k.
+        if (static_cast<int64_t>(kept.size()) == k && lp < kept.front()) continue;
+        const int64_t child = a.children[first + j];
+        heap.push_back({lp, child});
+        std::push_heap(heap.begin(), heap.end(), after);
+        if (child < a.num_leaves) {
+          kept.push_back(lp);
+          std::push_heap(kept.begin(), kept.end(), min_first);
+          if (static_cast<int64_t>(kept.size()) > k) {
+            std::pop_heap(kept.begin(), kept.end(), min_first);
+            kept.pop_back();
+          }
+        }
+      }
+    }
+    // The k leaves that set the pruning bound are in the heap, so the loop always finds k.
+    TORCH_INTERNAL_ASSERT(found == k, "topk_leaves found ", found, " < k = ", k, " leaves");
+  }
+}
+
+template <typename scalar_t>
+HSM_SEARCH_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* leaf_path_ptr,
+                                  const int32_t* path_node, const int32_t* path_choice,
+                                  const int64_t* target, int max_children, int64_t* rank,
+                                  int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> local(max_children);
+  std::vector<Entry<acc_t>> stack;
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* h = a.hidden + b * a.dim;
+    const int64_t y = target[b];
+    // log p(y), accumulated exactly as the traversal below accumulates every prefix.
+    acc_t threshold = 0;
+    for (int64_t s = leaf_path_ptr[y]; s < leaf_path_ptr[y + 1]; ++s) {
+      child_log_probs<scalar_t, acc_t>(a, h, a.num_leaves + path_node[s], local.data());
+      threshold = threshold + local[path_choice[s]];
+    }
+    // Count leaves before y in the order (log-prob desc, id asc); only subtrees whose prefix is
+    // >= log p(y) can hold one.
+    int64_t before = 0;
+    stack.clear();
+    if (a.root >= a.num_leaves) stack.push_back({acc_t(0), a.root});
+    while (!stack.empty()) {
+      const Entry<acc_t> top = stack.back();
+      stack.pop_back();
+      const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local.data());
+      const int64_t first = a.child_ptr[top.node - a.num_leaves];
+      for (int j = 0; j < c; ++j) {
+        const acc_t lp = top.log_prob + local[j];
+        if (lp < threshold) continue;
+        const int64_t child = a.children[first + j];
+        if (child >= a.num_leaves) {
+          stack.push_back({lp, child});
+        } else if (lp > threshold || child < y) {
+          ++before;
+        }
+      }
+    }
+    rank[b] = before + 1;
+  }
+}
+
+struct TreeArgs {
+  const at::Tensor& child_ptr;
+  const at::Tensor& children;
+  const at::Tensor& node_row_ptr;
+};
+
+void check_search_args(const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const TreeArgs& tree, int64_t root) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (B, D), got ", hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "hidden must be floating point, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+              "weight must have shape (V - 1, D=", hidden.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " must match hidden dtype ", hidden.scalar_type());
+  const int64_t rows = weight.size(0), num_leaves = rows + 1;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows, "bias must have shape (V - 1,) = (",
+                rows, ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "bias dtype ", bias->scalar_type(),
+                " must match hidden dtype ", hidden.scalar_type());
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+  }
+  TORCH_CHECK(tree.child_ptr.dim() == 1 && tree.child_ptr.scalar_type() == at::kLong,
+              "child_ptr must be a 1-D int64 tensor (M + 1,)");
+  const int64_t internal = tree.child_ptr.size(0) - 1;
+  TORCH_CHECK(internal >= 0, "child_ptr must have M + 1 >= 1 entries");
+  TORCH_CHECK(tree.children.dim() == 1 && tree.children.scalar_type() == at::kInt &&
+                  tree.children.size(0) == num_leaves + internal - 1,
+              "children must be an int32 tensor of shape (N - 1,) = (", num_leaves + internal - 1,
+              ",), got ", tree.children.sizes(), " ", tree.children.scalar_type());
+  TORCH_CHECK(tree.node_row_ptr.dim() == 1 && tree.node_row_ptr.scalar_type() == at::kInt &&
+                  tree.node_row_ptr.size(0) == internal + 1,
+              "node_row_ptr must be an int32 tensor of shape (M + 1,) = (", internal + 1, ",)");
+  TORCH_CHECK(0 <= root && root < num_leaves + internal, "root must be a node id in [0, ",
+              num_leaves + internal, "), got ", root);
+  TORCH_CHECK(internal > 0 || root == 0, "a tree without internal nodes has root 0, got ", root);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"hidden", &hidden},
+                                {"weight", &weight},
+                                {"child_ptr", &tree.child_ptr},
+                                {"children", &tree.children},
+                                {"node_row_ptr", &tree.node_row_ptr}}) {
+    TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  }
+}
+
+template <typename scalar_t>
+SearchArgs<scalar_t> args_of(const at::Tensor& hidden, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const TreeArgs& tree,
+                             int64_t root) {
+  return {hidden.data_ptr<scalar_t>(),
+          weight.data_ptr<scalar_t>(),
+          bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+          tree.child_ptr.data_ptr<int64_t>(),
+          tree.children.data_ptr<int32_t>(),
+          tree.node_row_ptr.data_ptr<int32_t>(),
+          hidden.size(1),
+          weight.size(0) + 1,
+          root};
+}
+
+int max_children_of(const at::Tensor& child_ptr) {
+  const int64_t* ptr = child_ptr.data_ptr<int64_t>();
+  int64_t most = 1;
+  for (int64_t i = 0; i + 1 < child_ptr.size(0); ++i) most = std::max(most, ptr[i + 1] - ptr[i]);
+  return static_cast<int>(most);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_leaves_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& child_ptr, const at::Tensor& children, const at::Tensor& node_row_ptr,
+    int64_t root, int64_t k) {
+  const TreeArgs tree{child_ptr, children, node_row_ptr};
+  check_search_args(hidden, weight, bias, tree, root);
+  const int64_t num_leaves = weight.size(0) + 1;
+  TORCH_CHECK(1 <= k && k <= num_leaves, "k must be in [1, V=", num_leaves, "], got ", k);
+  auto values = at::empty({hidden.size(0), k}, hidden.options());
+  auto indices = at::empty({hidden.size(0), k}, hidden.options().dtype(at::kLong));
+  const int max_children = max_children_of(child_ptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "topk_leaves_cpu", [&] {
+        const auto a = args_of<scalar_t>(hidden, weight, bias, tree, root);
+        scalar_t* v = values.data_ptr<scalar_t>();
+        int64_t* ix = indices.data_ptr<int64_t>();
+        at::parallel_for(0, hidden.size(0), kSearchGrain, [&](int64_t begin, int64_t end) {
+          topk_range(a, k, max_children, v, ix, begin, end);
+        });
+      });
+  return {values, indices};
+}
+
+at::Tensor leaf_rank_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& child_ptr,
+                         const at::Tensor& children, const at::Tensor& node_row_ptr,
+                         const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
+                         const at::Tensor& path_choice, int64_t root, const at::Tensor& target) {
+  const TreeArgs tree{child_ptr, children, node_row_ptr};
+  check_search_args(hidden, weight, bias, tree, root);
+  const int64_t num_leaves = weight.size(0) + 1;
+  TORCH_CHECK(leaf_path_ptr.dim() == 1 && leaf_path_ptr.size(0) == num_leaves + 1 &&
+                  leaf_path_ptr.scalar_type() == at::kLong && leaf_path_ptr.is_contiguous(),
+              "leaf_path_ptr must be a contiguous int64 tensor of shape (V + 1,) = (",
+              num_leaves + 1, ",)");
+  TORCH_CHECK(
+      path_node.dim() == 1 && path_node.scalar_type() == at::kInt && path_node.is_contiguous(),
+      "path_node must be a contiguous 1-D int32 tensor");
+  TORCH_CHECK(path_choice.sizes() == path_node.sizes() && path_choice.scalar_type() == at::kInt &&
+                  path_choice.is_contiguous(),
+              "path_choice must be a contiguous int32 tensor shaped like path_node");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0),
+              "target must have shape (B=", hidden.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous(),
+              "target must be a contiguous int64 tensor, got ", target.scalar_type());
+  for (const auto* t : {&leaf_path_ptr, &path_node, &path_choice, &target}) {
+    TORCH_CHECK(t->device().is_cpu(),
+                "leaf_path_ptr, path_node, path_choice and target must be on "
+                "the CPU, got ",
+                t->device());
+  }
+  const int64_t* y = target.data_ptr<int64_t>();
+  for (int64_t b = 0; b < target.size(0); ++b) {
+    TORCH_CHECK_INDEX(0 <= y[b] && y[b] < num_leaves, "target[", b, "] = ", y[b],
+                      " is out of range for a tree of ", num_leaves, " leaves");
+  }
+  auto rank = at::empty({hidden.size(0)}, target.options());
+  const int max_children = max_children_of(child_ptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "leaf_rank_cpu", [&] {
+        const auto a = args_of<scalar_t>(hidden, weight, bias, tree, root);
+        int64_t* out = rank.data_ptr<int64_t>();
+        at::parallel_for(0, hidden.size(0), kSearchGrain, [&](int64_t begin, int64_t end) {
+          rank_range(a, leaf_path_ptr.data_ptr<int64_t>(), path_node.data_ptr<int32_t>(),
+                     path_choice.data_ptr<int32_t>(), y, max_children, out, begin, end);
+        });
+      });
+  return rank;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hsoftmax, CPU, m) {
+  m.impl("topk_leaves", &topk_leaves_cpu);
+  m.impl("leaf_rank", &leaf_rank_cpu);
+}
+
+}  // namespace hsoftmax
