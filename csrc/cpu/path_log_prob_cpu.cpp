@@ -7,6 +7,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -20,7 +21,6 @@ namespace {
 // Examples per parallel task: a path costs ~depth * D multiply-adds, so small chunks already
 // amortise the scheduling cost.
 constexpr int64_t kBatchGrain = 16;
-constexpr int64_t kRowGrain = 64;
 
 // The hot loops are compiled twice and picked at load time (GCC/Clang function multi-versioning):
 // AVX2+FMA where the CPU has it, baseline x86-64 otherwise. Results are deterministic on a given
@@ -262,8 +262,22 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
   }
   scalar_t* gw = grad_weight ? grad_weight->data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = grad_bias ? grad_bias->data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, num_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    grad_weight_range(a, row_ptr.data(), entry_coef.get(), gw, gb, begin, end);
+  // Rows near the root collect most entries, so equal row counts would leave one thread with
+  // nearly all the work: cut the rows into chunks of equal cost (entries + rows, the latter for
+  // writing untouched rows) instead.
+  const int64_t num_chunks = std::max<int64_t>(1, at::get_num_threads() * 4);
+  const int64_t total_cost = num_entries + num_rows;
+  std::vector<int64_t> bounds(num_chunks + 1, num_rows);
+  bounds[0] = 0;
+  for (int64_t c = 1, r = 0; c < num_chunks; ++c) {
+    const int64_t goal = total_cost * c / num_chunks;
+    while (r < num_rows && row_ptr[r + 1] + r < goal) ++r;  // cost before row r
+    bounds[c] = r;
+  }
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      grad_weight_range(a, row_ptr.data(), entry_coef.get(), gw, gb, bounds[c], bounds[c + 1]);
+    }
   });
 }
 

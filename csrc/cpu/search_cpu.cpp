@@ -31,9 +31,13 @@ namespace {
 // One example's search costs from a few dozen to V dot products: tiny chunks balance the load.
 constexpr int64_t kSearchGrain = 4;
 
-// Same instruction-set cloning as the path_log_prob kernel: AVX2+FMA where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(HSM_NO_CLONES)
-#define HSM_SEARCH_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// The search loops are compiled twice and picked at load time: AVX2+FMA+BMI (x86-64-v3) where the
+// CPU has them, baseline x86-64 otherwise. "arch=x86-64-v3" (GCC >= 12) is resolved by CPU
+// *features*; "arch=haswell" is resolved by CPU *model* (__builtin_cpu_is), which is false on
+// later Intel/AMD cores and most VMs, so it silently ran the baseline clone there.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 12) && \
+    !defined(HSM_NO_CLONES)
+#define HSM_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define HSM_SEARCH_CLONES
 #endif
@@ -42,7 +46,8 @@ constexpr int kLanes = 16;
 
 // Dot product over kLanes independent partial sums in a fixed order (deterministic).
 template <typename scalar_t, typename acc_t>
-inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
+__attribute__((always_inline)) inline acc_t dot(const scalar_t* __restrict__ a,
+                                                const scalar_t* __restrict__ b, int64_t n) {
   acc_t lane[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
@@ -78,9 +83,11 @@ struct SearchArgs {
 
 // log p(child k | node) for every child k of internal node `node` into out[0 .. c), returns c.
 // Child 0 has logit 0, child k >= 1 the logit of row node_row_ptr[i] + k - 1.
+// Always inlined so it is compiled inside each instruction-set clone of its callers.
 template <typename scalar_t, typename acc_t>
-inline int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h, int64_t node,
-                           acc_t* out) {
+__attribute__((always_inline)) inline int child_log_probs(const SearchArgs<scalar_t>& a,
+                                                          const scalar_t* h, int64_t node,
+                                                          acc_t* out) {
   const int64_t i = node - a.num_leaves;
   const int c = static_cast<int>(a.child_ptr[i + 1] - a.child_ptr[i]);
   const int64_t r0 = a.node_row_ptr[i];
@@ -97,6 +104,22 @@ inline int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h, int
   const acc_t lse = m + std::log(sum);
   for (int k = 0; k < c; ++k) out[k] = nan_to_neg_inf(out[k] - lse);
   return c;
+}
+
+// The searches are bound by memory latency, not arithmetic: each expansion reads the weight
+// rows of a node no other example may have touched. A node pushed now is usually expanded soon
+// (best-first and depth-first both tend to continue below the node just expanded), so its rows
+// are requested as it is pushed. Only the first kPrefetchBytes of a wide node's rows: the
+// hardware prefetcher follows a sequential read once it starts.
+constexpr int64_t kPrefetchBytes = 1024;
+
+template <typename scalar_t>
+inline void prefetch_rows(const SearchArgs<scalar_t>& a, int64_t node) {
+  const int64_t i = node - a.num_leaves;
+  const char* begin = reinterpret_cast<const char*>(a.weight + a.node_row_ptr[i] * a.dim);
+  const int64_t bytes = std::min<int64_t>(
+      (a.node_row_ptr[i + 1] - a.node_row_ptr[i]) * a.dim * sizeof(scalar_t), kPrefetchBytes);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(begin + off);
 }
 
 template <typename acc_t>
@@ -152,7 +175,9 @@ HSM_SEARCH_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int 
         const int64_t child = a.children[first + j];
         heap.push_back({lp, child});
         std::push_heap(heap.begin(), heap.end(), after);
-        if (child < a.num_leaves) {
+        if (child >= a.num_leaves) {
+          prefetch_rows(a, child);
+        } else {
           kept.push_back(lp);
           std::push_heap(kept.begin(), kept.end(), min_first);
           if (static_cast<int64_t>(kept.size()) > k) {
@@ -200,6 +225,7 @@ HSM_SEARCH_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* 
         const int64_t child = a.children[first + j];
         if (child >= a.num_leaves) {
           stack.push_back({lp, child});
+          prefetch_rows(a, child);
         } else if (lp > threshold || child < y) {
           ++before;
         }
