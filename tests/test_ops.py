@@ -409,3 +409,49 @@ def test_fuzz_random_valid_trees():
 
 def test_build_info():
     assert hsoftmax.has_cuda_kernels() == (hsoftmax.cuda_version() is not None)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_deterministic_mode(device):
+    """CPU is deterministic and runs under use_deterministic_algorithms; the CUDA weight
+    gradient (atomicAdd) refuses to."""
+    tree = get_tree("V7-ternary")
+    hidden, weight, bias, target = make_inputs(tree, 8, 4, torch.float32, device)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss = path_log_prob(hidden, weight, bias, tree, target).sum()
+        if device == "cpu":
+            loss.backward()
+            assert weight.grad is not None
+        else:
+            with pytest.raises(RuntimeError, match="deterministic"):
+                loss.backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_out_of_range_target_direct_call_never_reads_out_of_bounds(device):
+    """Bypassing the Python checks: CPU raises, CUDA writes NaN (no device-side sync/abort)."""
+    tree = get_tree("V7-ternary")
+    hidden, weight, _, _ = make_inputs(tree, 2, 4, torch.float32, device)
+    c = tree.compiled(device)
+    target = torch.tensor([1, 50], device=device)
+    args = (
+        hidden.detach(),
+        weight.detach(),
+        None,
+        c.node_row_ptr,
+        c.leaf_path_ptr,
+        c.path_node,
+        c.path_choice,
+        target,
+        tree.max_path_rows,
+    )
+    if device == "cpu":
+        with pytest.raises(IndexError):
+            torch.ops.hsoftmax.path_log_prob_forward(*args)
+    else:
+        lp, _ = torch.ops.hsoftmax.path_log_prob_forward(*args)
+        assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
