@@ -104,7 +104,7 @@ def _check_args(hidden, weight, bias, tree, target) -> None:
     if target.numel() and not torch.compiler.is_compiling():
         # Eager only: a data-dependent check would break a compiled graph. The CPU kernel checks
         # again; the CUDA kernel writes NaN for an out-of-range target instead of reading memory.
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = (int(x) for x in torch.aminmax(target))
         if lo < 0 or hi >= tree.num_leaves:
             bad = lo if lo < 0 else hi
             index = int((target == bad).nonzero()[0, 0])

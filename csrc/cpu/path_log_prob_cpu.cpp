@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../hsoftmax.h"
@@ -59,6 +60,35 @@ template <typename scalar_t, typename acc_t>
 inline void axpy(acc_t alpha, const scalar_t* __restrict__ x, acc_t* __restrict__ out, int64_t n) {
   for (int64_t d = 0; d < n; ++d) out[d] += alpha * static_cast<acc_t>(x[d]);
 }
+
+// A row of sums in acc_t: the output row itself when it already has that type (no scratch
+// copy), else a float scratch row converted into the output at the end.
+template <typename scalar_t>
+class RowAccumulator {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> scratch_;
+  int64_t dim_;
+
+ public:
+  explicit RowAccumulator(int64_t dim) : scratch_(kInPlace ? 0 : dim), dim_(dim) {}
+
+  acc_t* start(scalar_t* out) {
+    if constexpr (kInPlace) {
+      std::memset(out, 0, dim_ * sizeof(scalar_t));
+      return out;
+    } else {
+      std::fill(scratch_.begin(), scratch_.end(), acc_t(0));
+      return scratch_.data();
+    }
+  }
+
+  void finish(scalar_t* out) {
+    if constexpr (!kInPlace) {
+      for (int64_t d = 0; d < dim_; ++d) out[d] = static_cast<scalar_t>(scratch_[d]);
+    }
+  }
+};
 
 struct TreeView {
   const int32_t* node_row_ptr;
@@ -142,16 +172,16 @@ template <typename scalar_t>
 HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hidden, int64_t begin,
                                       int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> acc(a.dim);
+  RowAccumulator<scalar_t> row(a.dim);
   for (int64_t b = begin; b < end; ++b) {
-    std::fill(acc.begin(), acc.end(), acc_t(0));
+    scalar_t* gh = grad_hidden + b * a.dim;
+    acc_t* acc = row.start(gh);
     const acc_t gb = static_cast<acc_t>(a.grad_log_prob[b]);
     const acc_t* c = a.coef + b * a.rows;
     for_each_path_row(a.tree, a.target[b], [&](int64_t r, int64_t e) {
-      axpy<scalar_t, acc_t>(gb * c[e], a.weight + r * a.dim, acc.data(), a.dim);
+      axpy<scalar_t, acc_t>(gb * c[e], a.weight + r * a.dim, acc, a.dim);
     });
-    scalar_t* gh = grad_hidden + b * a.dim;
-    for (int64_t d = 0; d < a.dim; ++d) gh[d] = static_cast<scalar_t>(acc[d]);
+    row.finish(gh);
   }
 }
 
@@ -162,25 +192,18 @@ HSM_CPU_CLONES void grad_weight_range(const Args<scalar_t>& a, const int64_t* ro
                                       scalar_t* grad_bias, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = a.dim;
-  std::vector<acc_t> acc(grad_weight ? dim : 0);
+  RowAccumulator<scalar_t> row(dim);
   for (int64_t r = begin; r < end; ++r) {
+    scalar_t* gw = grad_weight ? grad_weight + r * dim : nullptr;
+    acc_t* acc = gw ? row.start(gw) : nullptr;  // untouched rows end up zero
     acc_t bias_acc = 0;
-    const bool touched = row_ptr[r] < row_ptr[r + 1];
-    if (grad_weight && touched) std::fill(acc.begin(), acc.end(), acc_t(0));
     for (int64_t j = row_ptr[r]; j < row_ptr[r + 1]; ++j) {
       const int64_t b = entry_coef[j] / a.rows;  // coef is (B, rows), row-major
       const acc_t cb = static_cast<acc_t>(a.grad_log_prob[b]) * a.coef[entry_coef[j]];
       bias_acc += cb;
-      if (grad_weight) axpy<scalar_t, acc_t>(cb, a.hidden + b * dim, acc.data(), dim);
+      if (gw) axpy<scalar_t, acc_t>(cb, a.hidden + b * dim, acc, dim);
     }
-    if (grad_weight) {
-      scalar_t* gw = grad_weight + r * dim;
-      if (touched) {
-        for (int64_t d = 0; d < dim; ++d) gw[d] = static_cast<scalar_t>(acc[d]);
-      } else {  // most rows of a large tree are on no path of this batch
-        std::memset(gw, 0, dim * sizeof(scalar_t));
-      }
-    }
+    if (gw) row.finish(gw);
     if (grad_bias) grad_bias[r] = static_cast<scalar_t>(bias_acc);
   }
 }
