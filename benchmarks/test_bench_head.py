@@ -1,0 +1,130 @@
+"""Exact top-k and rank of the hierarchical-softmax head against a dense ``Linear`` head.
+
+Run: ``PYTHONPATH=. pytest benchmarks/test_bench_head.py --benchmark-only`` (about a minute).
+
+Setting (the issue's): V = 15,584 classes, D = 112, B = 1,024 queries, 2 threads, float32, a
+balanced binary tree. Baselines: ``torch.topk(F.linear(h, W, b), 10)`` and, for rank,
+``(logits > logits.gather(1, y[:, None])).sum(1) + 1`` - their cost does not depend on the
+weights. The tree search's cost does, so the HS head is timed with three sets of weights:
+
+* ``teacher``: random weights scaled by 8 (row norm ~8): a peaked distribution built directly
+  (mean entropy ~2.2 nats, mean top-1 probability ~0.4). Queries' targets are sampled from it.
+* ``student``: a fresh head trained for ``STUDENT_STEPS`` Adam steps on (h, y) pairs sampled from
+  the teacher - what a briefly trained head looks like.
+* ``random``: the untrained initialisation (``nn.Linear``'s), the worst case: a nearly flat
+  distribution, so few subtrees can be pruned. Targets are uniform.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hsoftmax import HierarchicalSoftmax, Tree
+
+V, D, B, K = 15_584, 112, 1_024, 10
+THREADS = 2
+TEACHER_SCALE = 8.0
+STUDENT_STEPS = 300
+ROUNDS = 10
+
+
+def sample_from(head: HierarchicalSoftmax, hidden: torch.Tensor, generator) -> torch.Tensor:
+    """Ancestral sampling down the tree: one child choice per level, vectorised over the batch."""
+    tree = head.tree
+    child_ptr, children = tree.child_ptr, tree.children_flat
+    counts = child_ptr[1:] - child_ptr[:-1]
+    row_ptr = child_ptr[:-1] - torch.arange(counts.numel())
+    width = int(counts.max())
+    node = torch.full((hidden.shape[0],), int((tree.parents == -1).nonzero()[0, 0]))
+    v = tree.num_leaves
+    with torch.no_grad():
+        while bool((node >= v).any()):
+            active = (node >= v).nonzero()[:, 0]
+            i = node[active] - v
+            k = torch.arange(1, width)
+            rows = row_ptr[i, None] + k - 1
+            valid = k < counts[i, None]
+            rows = torch.where(valid, rows, 0)
+            z = torch.einsum("bd,bkd->bk", hidden[active], head.weight[rows]) + head.bias[rows]
+            z = torch.cat([torch.zeros_like(z[:, :1]), z.masked_fill(~valid, float("-inf"))], 1)
+            choice = torch.multinomial(z.softmax(1), 1, generator=generator)[:, 0]
+            node[active] = children[child_ptr[i] + choice]
+    return node
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.set_num_threads(THREADS)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    tree = Tree.balanced(V, 2)
+    teacher = HierarchicalSoftmax(D, tree)
+    with torch.no_grad():
+        teacher.weight.normal_(0.0, TEACHER_SCALE / D**0.5, generator=g)
+        teacher.bias.zero_()
+    student = HierarchicalSoftmax(D, tree)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(STUDENT_STEPS):
+        h = torch.randn(B, D, generator=g)
+        loss = student(h, sample_from(teacher, h, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    random_head = HierarchicalSoftmax(D, tree)
+    hidden = torch.randn(B, D, generator=g)
+    targets = sample_from(teacher, hidden, g)
+    dense = torch.nn.Linear(D, V)
+    return {
+        "hidden": hidden,
+        "heads": {"teacher": teacher, "student": student, "random": random_head},
+        "targets": {
+            "teacher": targets,
+            "student": targets,
+            "random": torch.randint(0, V, (B,), generator=g),
+        },
+        "dense": (dense.weight.detach(), dense.bias.detach()),
+    }
+
+
+def run(benchmark, fn):
+    return benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="topk")
+def test_topk_dense(benchmark, setting):
+    weight, bias = setting["dense"]
+    hidden = setting["hidden"]
+    with torch.no_grad():
+        run(benchmark, lambda: torch.topk(F.linear(hidden, weight, bias), K, dim=1))
+
+
+@pytest.mark.benchmark(group="topk")
+@pytest.mark.parametrize("weights", ["teacher", "student", "random"])
+def test_topk_hs(benchmark, setting, weights):
+    head, hidden = setting["heads"][weights], setting["hidden"]
+    values, indices = run(benchmark, lambda: head.topk(hidden, K))
+    assert indices.shape == (B, K)
+
+
+@pytest.mark.benchmark(group="rank")
+def test_rank_dense(benchmark, setting):
+    weight, bias = setting["dense"]
+    hidden, target = setting["hidden"], setting["targets"]["random"]
+
+    def dense_rank():
+        logits = F.linear(hidden, weight, bias)
+        return (logits > logits.gather(1, target[:, None])).sum(1) + 1
+
+    with torch.no_grad():
+        run(benchmark, dense_rank)
+
+
+@pytest.mark.benchmark(group="rank")
+@pytest.mark.parametrize("weights", ["teacher", "student", "random"])
+def test_rank_hs(benchmark, setting, weights):
+    head, hidden, target = setting["heads"][weights], setting["hidden"], setting["targets"][weights]
+    rank = run(benchmark, lambda: head.rank(hidden, target))
+    benchmark.extra_info["median_rank"] = float(rank.float().median())
+    assert rank.shape == (B,)
