@@ -174,6 +174,39 @@ class Tree:
             level = new_level
         return cls(parents[0], num_leaves, _validated=True)
 
+    # Data-driven builders live in hsoftmax/builders.py; these are their public entry points.
+
+    @classmethod
+    def huffman(cls, counts, arity: int = 2) -> Tree:
+        """Frequency-based k-ary Huffman tree (word2vec/fastText style); see
+        :func:`hsoftmax.builders.huffman`."""
+        from hsoftmax import builders
+
+        return builders.huffman(counts, arity=arity)
+
+    @classmethod
+    def from_features(cls, features, branching=(128,), seed: int = 0, **kwargs) -> Tree:
+        """Hierarchical balanced k-means over per-leaf features; see
+        :func:`hsoftmax.builders.from_features`."""
+        from hsoftmax import builders
+
+        return builders.from_features(features, branching=branching, seed=seed, **kwargs)
+
+    @classmethod
+    def from_cooccurrence(cls, transitions, branching=(150,), seed: int = 0, **kwargs) -> Tree:
+        """Clusters of leaves that follow each other; see
+        :func:`hsoftmax.builders.from_cooccurrence`."""
+        from hsoftmax import builders
+
+        return builders.from_cooccurrence(transitions, branching=branching, seed=seed, **kwargs)
+
+    def stats(self, counts=None) -> dict:
+        """Depth and branching histograms, path lengths and the expected dot products per
+        example; see :func:`hsoftmax.builders.tree_stats`."""
+        from hsoftmax import builders
+
+        return builders.tree_stats(self, counts)
+
     # ------------------------------------------------------------------ properties
 
     @property
