@@ -89,18 +89,21 @@ static std::string build_info() {
 TORCH_LIBRARY(hsoftmax, m) {
   // log p(target | hidden) of every example, plus d log p / d logit for every weight row on the
   // example's path (B, max_path_rows), which the backward consumes. Rows past the end of an
-  // example's path are zero.
+  // example's path are zero. sparse_grad only tells the autograd formula to return a sparse
+  // weight gradient; the forward ignores it.
   m.def(
       "path_log_prob_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor node_row_ptr, "
       "Tensor leaf_path_ptr, Tensor path_node, Tensor path_choice, Tensor target, "
-      "int max_path_rows) -> (Tensor, Tensor)");
+      "int max_path_rows, bool sparse_grad=False) -> (Tensor, Tensor)");
   // Gradients of sum_b grad_log_prob[b] * log p_b w.r.t. (hidden, weight, bias); an output whose
-  // output_mask entry is false (or bias when has_bias is false) is returned empty.
+  // output_mask entry is false (or bias when has_bias is false) is returned empty. With
+  // sparse_weight, the weight/bias gradients hold only the K rows the batch touched, listed in
+  // the fourth output (K,) in increasing order; otherwise that output is empty.
   m.def(
       "path_log_prob_backward(Tensor grad_log_prob, Tensor grad_coef, Tensor hidden, "
       "Tensor weight, Tensor node_row_ptr, Tensor leaf_path_ptr, Tensor path_node, "
-      "Tensor path_choice, Tensor target, bool has_bias, bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor path_choice, Tensor target, bool has_bias, bool[3] output_mask, "
+      "bool sparse_weight=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Exact top-k leaves of every example by best-first search over the tree: values (B, k) are
   // log-probabilities, indices (B, k) leaf ids, ordered by log-prob desc, then leaf id asc.
   m.def(

@@ -25,6 +25,7 @@ def path_log_prob(
     bias: torch.Tensor | None,
     tree: Tree,
     target: torch.Tensor,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     r"""Log-probability of each target leaf under the hierarchical softmax over ``tree``.
 
@@ -42,6 +43,10 @@ def path_log_prob(
         bias: (V - 1,) or None.
         tree: the :class:`~hsoftmax.Tree` with V leaves.
         target: (B,) integer leaf ids in ``[0, V)``.
+        sparse_grad: return the weight and bias gradients as sparse COO tensors holding only
+            the rows this batch touched (at most ``B * R``), like ``nn.Embedding(sparse=True)``;
+            the backward then costs O(B * R * D) instead of O(V * D). CPU only, eager only. Use
+            an optimizer that accepts sparse gradients (``torch.optim.SGD``, ``SparseAdam``).
 
     Returns:
         (B,) ``log p(target | hidden)`` in ``hidden``'s dtype, differentiable w.r.t. ``hidden``,
@@ -52,6 +57,8 @@ def path_log_prob(
     bits may vary between runs; it raises under ``torch.use_deterministic_algorithms(True)``.
     """
     _check_args(hidden, weight, bias, tree, target)
+    if sparse_grad and hidden.device.type != "cpu":
+        raise NotImplementedError("sparse_grad=True is implemented on CPU only")
     compiled = tree.compiled(hidden.device)
     log_prob, _ = torch.ops.hsoftmax.path_log_prob_forward(
         hidden.contiguous(),
@@ -63,6 +70,7 @@ def path_log_prob(
         compiled.path_choice,
         target.to(torch.int64).contiguous(),
         tree.max_path_rows,
+        bool(sparse_grad),
     )
     return log_prob
 
@@ -101,7 +109,7 @@ def _check_args(hidden, weight, bias, tree, target) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("target", target)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if target.numel() and not torch.compiler.is_compiling():
+    if target.numel() and target.device.type != "meta" and not torch.compiler.is_compiling():
         # Eager only: a data-dependent check would break a compiled graph. The CPU kernel checks
         # again; the CUDA kernel writes NaN for an out-of-range target instead of reading memory.
         lo, hi = (int(x) for x in torch.aminmax(target))
@@ -120,7 +128,16 @@ def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("hsoftmax::path_log_prob_forward")
 def _forward_fake(
-    hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice, target, max_path_rows
+    hidden,
+    weight,
+    bias,
+    node_row_ptr,
+    leaf_path_ptr,
+    path_node,
+    path_choice,
+    target,
+    max_path_rows,
+    sparse_grad=False,
 ):
     batch = hidden.shape[0]
     return (
@@ -142,25 +159,31 @@ def _backward_fake(
     target,
     has_bias,
     output_mask,
+    sparse_weight=False,
 ):
+    # the number of rows a batch touches is data-dependent: a dynamic size when sparse
+    rows = torch.library.get_ctx().new_dynamic_size() if sparse_weight else weight.shape[0]
     grad_hidden = torch.empty_like(hidden) if output_mask[0] else hidden.new_empty((0,))
-    grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty((0,))
-    grad_bias = (
-        weight.new_empty((weight.shape[0],))
-        if output_mask[2] and has_bias
-        else weight.new_empty((0,))
-    )
-    return grad_hidden, grad_weight, grad_bias
+    grad_weight = weight.new_empty((rows, weight.shape[1]) if output_mask[1] else (0,))
+    grad_bias = weight.new_empty((rows,) if output_mask[2] and has_bias else (0,))
+    grad_rows = weight.new_empty((rows if sparse_weight else 0,), dtype=torch.int64)
+    return grad_hidden, grad_weight, grad_bias, grad_rows
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice, target, _ = inputs
+    hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice, target = inputs[:8]
     _, coef = output
     ctx.mark_non_differentiable(coef)
     ctx.has_bias = bias is not None
+    ctx.sparse_grad = bool(inputs[9]) if len(inputs) > 9 else False
     ctx.save_for_backward(
         hidden, weight, coef, node_row_ptr, leaf_path_ptr, path_node, path_choice, target
     )
+
+
+def _sparse_rows(index, values, shape):
+    # the kernel returns sorted, unique row ids: coalesced by construction, no check needed
+    return torch.sparse_coo_tensor(index, values, shape, is_coalesced=True, check_invariants=False)
 
 
 def _backward(ctx, grad_log_prob, _grad_coef):
@@ -172,7 +195,7 @@ def _backward(ctx, grad_log_prob, _grad_coef):
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[2],
     ]
-    grad_hidden, grad_weight, grad_bias = torch.ops.hsoftmax.path_log_prob_backward(
+    grad_hidden, grad_weight, grad_bias, rows = torch.ops.hsoftmax.path_log_prob_backward(
         grad_log_prob.contiguous(),
         coef,
         hidden,
@@ -184,17 +207,23 @@ def _backward(ctx, grad_log_prob, _grad_coef):
         target,
         ctx.has_bias,
         mask,
+        ctx.sparse_grad,
     )
+    if ctx.sparse_grad:
+        index = rows.unsqueeze(0)
+        if mask[1]:
+            grad_weight = torch.sparse_coo_tensor(
+                index, grad_weight, weight.shape, is_coalesced=True
+            )
+        if mask[2]:
+            grad_bias = torch.sparse_coo_tensor(
+                index, grad_bias, weight.shape[:1], is_coalesced=True
+            )
     return (
         grad_hidden if mask[0] else None,
         grad_weight if mask[1] else None,
         grad_bias if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *([None] * 7),
     )
 
 

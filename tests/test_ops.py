@@ -455,3 +455,58 @@ def test_out_of_range_target_direct_call_never_reads_out_of_bounds(device):
     else:
         lp, _ = torch.ops.hsoftmax.path_log_prob_forward(*args)
         assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
+
+
+@pytest.mark.parametrize("tree_name", ["V1", "V7-ternary", "V1000-random", "V15584-128x2"])
+@pytest.mark.parametrize("batch", [0, 1, 57])
+def test_sparse_grad_equals_dense(tree_name, batch):
+    """sparse_grad=True holds exactly the touched rows, and densifies to the dense gradient."""
+    tree = get_tree(tree_name)
+    hidden, weight, bias, target = make_inputs(tree, batch, 9, torch.float64, "cpu")
+    dense_out, dense = grads_of(path_log_prob, hidden, weight, bias, tree, target)
+    sparse_out, sparse = grads_of(
+        lambda *a: path_log_prob(*a, sparse_grad=True), hidden, weight, bias, tree, target
+    )
+    torch.testing.assert_close(sparse_out, dense_out, rtol=0, atol=0)
+    torch.testing.assert_close(sparse[0], dense[0], rtol=0, atol=0)
+    for s, d in zip(sparse[1:], dense[1:], strict=True):
+        assert s.is_sparse and s.is_coalesced() and s.shape == d.shape
+        torch.testing.assert_close(s.to_dense(), d, rtol=0, atol=0)
+    # the rows held are exactly the rows on the batch's paths
+    c = tree.compiled()
+    touched = set()
+    for y in target.tolist():
+        for s in range(int(c.leaf_path_ptr[y]), int(c.leaf_path_ptr[y + 1])):
+            n = int(c.path_node[s])
+            touched.update(range(int(c.node_row_ptr[n]), int(c.node_row_ptr[n + 1])))
+    assert sorted(touched) == sparse[1].indices()[0].tolist()
+
+
+def test_sparse_grad_trains_like_dense_with_sgd():
+    """Plain SGD takes the same steps from sparse and dense gradients, and learns."""
+    tree = get_tree("V1000-random")
+    hidden, weight0, bias0, target = make_inputs(tree, 64, 8, torch.float64, "cpu")
+    h = hidden.detach()
+    runs = {}
+    for sparse in (False, True):
+        weight = torch.nn.Parameter(weight0.detach().clone())
+        bias = torch.nn.Parameter(bias0.detach().clone())
+        opt = torch.optim.SGD([weight, bias], lr=2.0)
+        losses = []
+        for _ in range(30):
+            opt.zero_grad()
+            loss = -path_log_prob(h, weight, bias, tree, target, sparse_grad=sparse).mean()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        runs[sparse] = (losses, weight.detach(), bias.detach())
+    assert runs[True][0][-1] < runs[True][0][0] - 1.0, runs[True][0]
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(runs[True][2], runs[False][2], rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_grad_refused_on_cuda_before_kernel():
+    tree = get_tree("V7-ternary")
+    hidden, weight, bias, target = make_inputs(tree, 3, 4, torch.float32, "meta")
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        path_log_prob(hidden, weight, bias, tree, target, sparse_grad=True)

@@ -185,27 +185,90 @@ HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hi
   }
 }
 
-// Rows [begin, end) of grad_weight / grad_bias from the entries grouped by row (see below).
+// The (example, path slot) pairs of a batch grouped by the weight row they touch: rows[k] is the
+// k-th touched row (ascending) and entry_coef[seg[k] .. seg[k + 1]) index its coefficients in
+// `coef` (B, R), in increasing example order.
+struct RowGroups {
+  std::vector<int64_t> rows;
+  std::vector<int64_t> seg;
+  std::vector<int64_t> entry_coef;
+};
+
+// Groups by an LSD radix sort on the row id: stable, so each row's sum runs in example order
+// (bit-identical results for any thread count, no atomics), and O(entries), independent of V.
 template <typename scalar_t>
-HSM_CPU_CLONES void grad_weight_range(const Args<scalar_t>& a, const int64_t* row_ptr,
-                                      const int64_t* entry_coef, scalar_t* grad_weight,
-                                      scalar_t* grad_bias, int64_t begin, int64_t end) {
+RowGroups group_by_row(const Args<scalar_t>& a, int64_t batch, int64_t num_rows) {
+  std::vector<int64_t> key, idx;
+  key.reserve(batch * a.rows);
+  idx.reserve(batch * a.rows);
+  for (int64_t b = 0; b < batch; ++b) {
+    for_each_path_row(a.tree, a.target[b], [&](int64_t r, int64_t e) {
+      key.push_back(r);
+      idx.push_back(b * a.rows + e);
+    });
+  }
+  const int64_t n = static_cast<int64_t>(key.size());
+  constexpr int kBits = 11;
+  constexpr int64_t kMask = (int64_t{1} << kBits) - 1;
+  std::vector<int64_t> key_tmp(n), idx_tmp(n), count(kMask + 2);
+  for (int shift = 0; ((num_rows - 1) >> shift) > 0; shift += kBits) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[((key[i] >> shift) & kMask) + 1];
+    for (int64_t d = 0; d <= kMask; ++d) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = count[(key[i] >> shift) & kMask]++;
+      key_tmp[pos] = key[i];
+      idx_tmp[pos] = idx[i];
+    }
+    key.swap(key_tmp);
+    idx.swap(idx_tmp);
+  }
+  RowGroups groups;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || key[i] != key[i - 1]) {
+      groups.rows.push_back(key[i]);
+      groups.seg.push_back(i);
+    }
+  }
+  groups.seg.push_back(n);
+  groups.entry_coef = std::move(idx);
+  return groups;
+}
+
+// Weight/bias gradient of groups [k0, k1). Dense: the output is the whole (V - 1, D) matrix;
+// group k writes row rows[k] and zeroes the untouched rows since the previous group (the chunk
+// with the last group also zeroes the rows after it). Sparse: group k writes output row k.
+template <typename scalar_t>
+HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a, const RowGroups& g, bool dense,
+                                       int64_t num_rows, scalar_t* grad_weight, scalar_t* grad_bias,
+                                       int64_t k0, int64_t k1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = a.dim;
+  const int64_t num_groups = static_cast<int64_t>(g.rows.size());
+  auto zero_rows = [&](int64_t lo, int64_t hi) {
+    if (hi <= lo) return;
+    if (grad_weight) std::memset(grad_weight + lo * dim, 0, (hi - lo) * dim * sizeof(scalar_t));
+    if (grad_bias) std::memset(grad_bias + lo, 0, (hi - lo) * sizeof(scalar_t));
+  };
   RowAccumulator<scalar_t> row(dim);
-  for (int64_t r = begin; r < end; ++r) {
-    scalar_t* gw = grad_weight ? grad_weight + r * dim : nullptr;
-    acc_t* acc = gw ? row.start(gw) : nullptr;  // untouched rows end up zero
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t r = g.rows[k];
+    if (dense) zero_rows(k == 0 ? 0 : g.rows[k - 1] + 1, r);
+    const int64_t out = dense ? r : k;
+    scalar_t* gw = grad_weight ? grad_weight + out * dim : nullptr;
+    acc_t* acc = gw ? row.start(gw) : nullptr;
     acc_t bias_acc = 0;
-    for (int64_t j = row_ptr[r]; j < row_ptr[r + 1]; ++j) {
-      const int64_t b = entry_coef[j] / a.rows;  // coef is (B, rows), row-major
-      const acc_t cb = static_cast<acc_t>(a.grad_log_prob[b]) * a.coef[entry_coef[j]];
+    for (int64_t j = g.seg[k]; j < g.seg[k + 1]; ++j) {
+      const int64_t idx = g.entry_coef[j];
+      const int64_t b = idx / a.rows;  // coef is (B, R), row-major
+      const acc_t cb = static_cast<acc_t>(a.grad_log_prob[b]) * a.coef[idx];
       bias_acc += cb;
       if (gw) axpy<scalar_t, acc_t>(cb, a.hidden + b * dim, acc, dim);
     }
     if (gw) row.finish(gw);
-    if (grad_bias) grad_bias[r] = static_cast<scalar_t>(bias_acc);
+    if (grad_bias) grad_bias[out] = static_cast<scalar_t>(bias_acc);
   }
+  if (dense && k1 == num_groups) zero_rows(num_groups ? g.rows.back() + 1 : 0, num_rows);
 }
 
 template <typename scalar_t>
@@ -230,7 +293,8 @@ void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
-    const at::Tensor& path_choice, const at::Tensor& target, int64_t max_path_rows) {
+    const at::Tensor& path_choice, const at::Tensor& target, int64_t max_path_rows,
+    bool /*sparse_grad: used by the autograd formula only*/) {
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const TreeView tree = view_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
@@ -244,71 +308,75 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   return {log_prob, coef};
 }
 
+// Fills the requested gradients: grad_hidden (B, D); grad_weight / grad_bias either dense
+// (V - 1, D) / (V - 1,) or, when `sparse`, the K touched rows (K, D) / (K,) with their row ids.
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                      const at::Tensor& hidden, const at::Tensor& weight, const TreeView& tree,
-                     const at::Tensor& target, at::Tensor* grad_hidden, at::Tensor* grad_weight,
-                     at::Tensor* grad_bias) {
+                     const at::Tensor& target, bool want_weight, bool want_bias, bool sparse,
+                     at::Tensor& grad_hidden, at::Tensor& grad_weight, at::Tensor& grad_bias,
+                     at::Tensor& grad_rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = hidden.size(0), num_rows = weight.size(0);
+  const int64_t batch = hidden.size(0), num_rows = weight.size(0), dim = hidden.size(1);
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
                          weight.data_ptr<scalar_t>(),
                          nullptr,
                          grad_log_prob.data_ptr<scalar_t>(),
                          target.data_ptr<int64_t>(),
                          const_cast<acc_t*>(coef.data_ptr<acc_t>()),
-                         hidden.size(1),
+                         dim,
                          coef.size(1),
                          tree};
 
-  if (grad_hidden != nullptr) {
-    scalar_t* gh = grad_hidden->data_ptr<scalar_t>();
+  if (grad_hidden.numel() > 0) {
+    scalar_t* gh = grad_hidden.data_ptr<scalar_t>();
     at::parallel_for(0, batch, kBatchGrain,
                      [&](int64_t begin, int64_t end) { grad_hidden_range(a, gh, begin, end); });
   }
-  if (grad_weight == nullptr && grad_bias == nullptr) return;
+  if (!want_weight && !want_bias) return;
 
-  // Group the (example, path entry) pairs by the weight row they touch with a stable counting
-  // sort, so each row's gradient is one thread's sum in increasing example order: no atomics, no
-  // races, and bit-identical results for any thread count.
-  // row_ptr is offset by one during the fill so the cursors end up as the row starts (no copy).
-  std::vector<int64_t> row_ptr(num_rows + 2, 0);
-  for (int64_t b = 0; b < batch; ++b) {
-    for_each_path_row(tree, a.target[b], [&](int64_t r, int64_t) { ++row_ptr[r + 2]; });
+  const RowGroups groups = group_by_row(a, batch, num_rows);
+  const int64_t num_groups = static_cast<int64_t>(groups.rows.size());
+  const int64_t out_rows = sparse ? num_groups : num_rows;
+  if (want_weight) grad_weight = at::empty({out_rows, dim}, weight.options());
+  if (want_bias) grad_bias = at::empty({out_rows}, weight.options());
+  if (sparse) {
+    grad_rows = at::empty({num_groups}, weight.options().dtype(at::kLong));
+    std::copy(groups.rows.begin(), groups.rows.end(), grad_rows.data_ptr<int64_t>());
   }
-  for (int64_t r = 0; r < num_rows; ++r) row_ptr[r + 2] += row_ptr[r + 1];
-  const int64_t num_entries = row_ptr[num_rows + 1];
-  std::unique_ptr<int64_t[]> entry_coef(new int64_t[num_entries]);  // index into coef (B, rows)
-  for (int64_t b = 0; b < batch; ++b) {
-    for_each_path_row(tree, a.target[b],
-                      [&](int64_t r, int64_t e) { entry_coef[row_ptr[r + 1]++] = b * a.rows + e; });
+  scalar_t* gw = want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gb = want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
+  if (num_groups == 0) {  // empty batch (or V = 1): a dense gradient is all zeros
+    if (!sparse) grad_weight_groups(a, groups, true, num_rows, gw, gb, 0, 0);
+    return;
   }
-  scalar_t* gw = grad_weight ? grad_weight->data_ptr<scalar_t>() : nullptr;
-  scalar_t* gb = grad_bias ? grad_bias->data_ptr<scalar_t>() : nullptr;
-  // Rows near the root collect most entries, so equal row counts would leave one thread with
-  // nearly all the work: cut the rows into chunks of equal cost (entries + rows, the latter for
-  // writing untouched rows) instead.
-  const int64_t num_chunks = std::max<int64_t>(1, at::get_num_threads() * 4);
-  const int64_t total_cost = num_entries + num_rows;
-  std::vector<int64_t> bounds(num_chunks + 1, num_rows);
+  // Rows near the root collect most entries, so equal group counts would leave one thread with
+  // most of the work: cut the groups into chunks of equal cost (2 per entry, an axpy of D, plus
+  // 1 per output row written or zeroed, a store of D).
+  std::vector<int64_t> cost(num_groups + 1, 0);
+  for (int64_t k = 0; k < num_groups; ++k) {
+    const int64_t rows_written = sparse ? 1 : groups.rows[k] - (k ? groups.rows[k - 1] : -1);
+    cost[k + 1] = cost[k] + 2 * (groups.seg[k + 1] - groups.seg[k]) + rows_written;
+  }
+  const int64_t num_chunks = std::min<int64_t>(num_groups, at::get_num_threads() * 4);
+  std::vector<int64_t> bounds(num_chunks + 1, num_groups);
   bounds[0] = 0;
-  for (int64_t c = 1, r = 0; c < num_chunks; ++c) {
-    const int64_t goal = total_cost * c / num_chunks;
-    while (r < num_rows && row_ptr[r + 1] + r < goal) ++r;  // cost before row r
-    bounds[c] = r;
+  for (int64_t c = 1; c < num_chunks; ++c) {
+    const int64_t goal = cost[num_groups] * c / num_chunks;
+    bounds[c] = std::lower_bound(cost.begin(), cost.end(), goal) - cost.begin();
   }
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      grad_weight_range(a, row_ptr.data(), entry_coef.get(), gw, gb, bounds[c], bounds[c + 1]);
+      grad_weight_groups(a, groups, !sparse, num_rows, gw, gb, bounds[c], bounds[c + 1]);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cpu(
     const at::Tensor& grad_log_prob, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
     const at::Tensor& path_node, const at::Tensor& path_choice, const at::Tensor& target,
-    bool has_bias, std::array<bool, 3> output_mask) {
+    bool has_bias, std::array<bool, 3> output_mask, bool sparse_weight) {
   check_forward_args(hidden, weight, std::nullopt, node_row_ptr, leaf_path_ptr, path_node,
                      path_choice, target, coef.size(1));
   TORCH_CHECK(grad_log_prob.sizes() == target.sizes() &&
@@ -322,16 +390,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cpu(
   const auto g = grad_log_prob.contiguous();
   const auto c = coef.contiguous();
   at::Tensor gh = output_mask[0] ? at::empty_like(hidden) : at::empty({0}, hidden.options());
-  at::Tensor gw = output_mask[1] ? at::empty_like(weight) : at::empty({0}, weight.options());
-  at::Tensor gb = (output_mask[2] && has_bias) ? at::empty({weight.size(0)}, weight.options())
-                                               : at::empty({0}, weight.options());
+  at::Tensor gw = at::empty({0}, weight.options());
+  at::Tensor gb = at::empty({0}, weight.options());
+  at::Tensor rows = at::empty({0}, weight.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_backward_cpu", [&] {
-        backward_kernel<scalar_t>(g, c, hidden, weight, tree, target,
-                                  output_mask[0] ? &gh : nullptr, output_mask[1] ? &gw : nullptr,
-                                  (output_mask[2] && has_bias) ? &gb : nullptr);
+        backward_kernel<scalar_t>(g, c, hidden, weight, tree, target, output_mask[1],
+                                  output_mask[2] && has_bias, sparse_weight, gh, gw, gb, rows);
       });
-  return {gh, gw, gb};
+  return {gh, gw, gb, rows};
 }
 
 }  // namespace

@@ -190,7 +190,8 @@ int64_t num_blocks(int64_t batch) { return (batch + kWarpsPerBlock - 1) / kWarps
 std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
-    const at::Tensor& path_choice, const at::Tensor& target, int64_t max_path_rows) {
+    const at::Tensor& path_choice, const at::Tensor& target, int64_t max_path_rows,
+    bool /*sparse_grad: used by the autograd formula only*/) {
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const c10::cuda::CUDAGuard guard(hidden.device());
@@ -215,11 +216,12 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cuda(
   return {log_prob, coef};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cuda(
     const at::Tensor& grad_log_prob, const at::Tensor& coef, const at::Tensor& hidden,
     const at::Tensor& weight, const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
     const at::Tensor& path_node, const at::Tensor& path_choice, const at::Tensor& target,
-    bool has_bias, std::array<bool, 3> output_mask) {
+    bool has_bias, std::array<bool, 3> output_mask, bool sparse_weight) {
+  TORCH_CHECK(!sparse_weight, "sparse weight gradients are implemented on CPU only");
   check_forward_args(hidden, weight, std::nullopt, node_row_ptr, leaf_path_ptr, path_node,
                      path_choice, target, coef.size(1));
   TORCH_CHECK(grad_log_prob.sizes() == target.sizes() &&
@@ -273,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cuda(
   }
   at::Tensor gw = want_w ? gw_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
   at::Tensor gb = want_b ? gb_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());
-  return {gh, gw, gb};
+  return {gh, gw, gb, at::empty({0}, weight.options().dtype(at::kLong))};
 }
 
 }  // namespace
