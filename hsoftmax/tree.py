@@ -376,14 +376,9 @@ class Tree:
         position[order] = np.arange(order.size) - child_ptr[parents[order] - v]
         node_row_ptr = child_ptr - np.arange(m + 1)  # node i owns c_i - 1 rows
 
-        # Walk every leaf up to the root together; P = sum of depths, the output size.
-        depth = np.zeros(v, dtype=np.int64)
-        cur = np.arange(v)
-        active = parents[cur] >= 0
-        while active.any():
-            depth[active] += 1
-            cur = np.where(active, parents[cur], cur)
-            active = parents[cur] >= 0
+        # Depth of every node by pointer jumping (log2(depth) passes, so deep Huffman trees stay
+        # fast); P = the sum of the leaves' depths is the size of the path arrays.
+        depth = _node_depths(parents)[:v]
         leaf_path_ptr = np.zeros(v + 1, dtype=np.int64)
         np.cumsum(depth, out=leaf_path_ptr[1:])
         total = int(leaf_path_ptr[-1])
@@ -414,6 +409,20 @@ class Tree:
             path_node=torch.from_numpy(path_node),
             path_choice=torch.from_numpy(path_choice),
         )
+
+
+def _node_depths(parents: np.ndarray) -> np.ndarray:
+    """Edges from each node to the root of a validated tree, in O(N log depth)."""
+    root = int(np.flatnonzero(parents < 0)[0])
+    up = parents.copy()
+    up[root] = root
+    dist = (parents >= 0).astype(np.int64)  # distance to `up`
+    while True:
+        done = up == root
+        if done.all():
+            return dist
+        dist = dist + np.where(done, 0, dist[up])
+        up = up[up]
 
 
 def _positive_int(value, name: str) -> int:
