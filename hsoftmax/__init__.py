@@ -6,7 +6,16 @@ was built for the installed torch.
 
 from hsoftmax import ops
 from hsoftmax._build import cuda_version, has_cuda_kernels
+from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
 from hsoftmax.tree import Tree
 
 __version__ = "0.1.0"
-__all__ = ["Tree", "ops", "cuda_version", "has_cuda_kernels", "__version__"]
+__all__ = [
+    "Tree",
+    "HierarchicalSoftmax",
+    "DenseSoftmax",
+    "ops",
+    "cuda_version",
+    "has_cuda_kernels",
+    "__version__",
+]

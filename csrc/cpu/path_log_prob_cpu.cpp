@@ -15,6 +15,7 @@
 
 #include "../hsoftmax.h"
 #include "../hsoftmax_math.h"
+#include "cpu_clones.h"
 
 namespace hsoftmax {
 namespace {
@@ -23,14 +24,7 @@ namespace {
 // amortise the scheduling cost.
 constexpr int64_t kBatchGrain = 16;
 
-// The hot loops are compiled twice and picked at load time (GCC/Clang function multi-versioning):
-// AVX2+FMA where the CPU has it, baseline x86-64 otherwise. Results are deterministic on a given
-// machine; FMA may change the last bits between machines.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(HSM_NO_CLONES)
-#define HSM_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define HSM_CPU_CLONES
-#endif
+// HSM_CPU_CLONES: see cpu_clones.h.
 
 // Dot product accumulated in acc_t over kLanes independent partial sums: the compiler maps them
 // onto SIMD registers without -ffast-math, and enough of them hide the add latency. The summation

@@ -25,29 +25,26 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_clones.h"
+
 namespace hsoftmax {
 namespace {
 
 // One example's search costs from a few dozen to V dot products: tiny chunks balance the load.
 constexpr int64_t kSearchGrain = 4;
 
-// The search loops are compiled twice and picked at load time: AVX2+FMA+BMI (x86-64-v3) where the
-// CPU has them, baseline x86-64 otherwise. "arch=x86-64-v3" (GCC >= 12) is resolved by CPU
-// *features*; "arch=haswell" is resolved by CPU *model* (__builtin_cpu_is), which is false on
-// later Intel/AMD cores and most VMs, so it silently ran the baseline clone there.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 12) && \
-    !defined(HSM_NO_CLONES)
-#define HSM_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define HSM_SEARCH_CLONES
-#endif
+// HSM_CPU_CLONES: see cpu_clones.h.
+
+// Helpers called from the cloned loops are forced inline so each clone compiles its own copy with
+// the clone's instruction set (a call would land in the baseline version).
+#define HSM_INLINE __attribute__((always_inline)) inline
 
 constexpr int kLanes = 16;
 
-// Dot product over kLanes independent partial sums in a fixed order (deterministic).
+// Dot product over kLanes independent partial sums plus a scalar tail, in a fixed order
+// (deterministic). The tail has its own accumulator so the lanes stay in SIMD registers.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline acc_t dot(const scalar_t* __restrict__ a,
-                                                const scalar_t* __restrict__ b, int64_t n) {
+HSM_INLINE acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
   acc_t lane[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
@@ -55,17 +52,16 @@ __attribute__((always_inline)) inline acc_t dot(const scalar_t* __restrict__ a,
       lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
     }
   }
-  for (int j = 0; d + j < n; ++j) {
-    lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
-  }
+  acc_t tail = 0;
+  for (; d < n; ++d) tail += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
   }
-  return lane[0];
+  return lane[0] + tail;
 }
 
 template <typename acc_t>
-inline acc_t nan_to_neg_inf(acc_t x) {
+HSM_INLINE acc_t nan_to_neg_inf(acc_t x) {
   return std::isnan(x) ? -std::numeric_limits<acc_t>::infinity() : x;
 }
 
@@ -82,21 +78,27 @@ struct SearchArgs {
 };
 
 // log p(child k | node) for every child k of internal node `node` into out[0 .. c), returns c.
-// Child 0 has logit 0, child k >= 1 the logit of row node_row_ptr[i] + k - 1.
-// Always inlined so it is compiled inside each instruction-set clone of its callers.
+// Child 0 has logit 0, child k >= 1 the logit of row node_row_ptr[i] + k - 1. Both searches
+// call only this, so a leaf's log-prob is the same bits in each.
 template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline int child_log_probs(const SearchArgs<scalar_t>& a,
-                                                          const scalar_t* h, int64_t node,
-                                                          acc_t* out) {
+HSM_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h, int64_t node,
+                               acc_t* out) {
   const int64_t i = node - a.num_leaves;
   const int c = static_cast<int>(a.child_ptr[i + 1] - a.child_ptr[i]);
   const int64_t r0 = a.node_row_ptr[i];
-  out[0] = 0;
   for (int k = 1; k < c; ++k) {
     const int64_t r = r0 + k - 1;
     out[k] = dot<scalar_t, acc_t>(h, a.weight + r * a.dim, a.dim) +
              (a.bias ? static_cast<acc_t>(a.bias[r]) : acc_t(0));
   }
+  if (c == 2) {  // log sigma: lse(0, x) = max(x, 0) + log(1 + exp(-|x|)), one exp and one log
+    const acc_t x = out[1];
+    const acc_t lse = (x > 0 ? x : acc_t(0)) + std::log(acc_t(1) + std::exp(-std::abs(x)));
+    out[0] = nan_to_neg_inf(-lse);
+    out[1] = nan_to_neg_inf(x - lse);
+    return c;
+  }
+  out[0] = 0;
   acc_t m = 0;
   for (int k = 1; k < c; ++k) m = out[k] > m ? out[k] : m;
   acc_t sum = 0;
@@ -106,34 +108,19 @@ __attribute__((always_inline)) inline int child_log_probs(const SearchArgs<scala
   return c;
 }
 
-// The searches are bound by memory latency, not arithmetic: each expansion reads the weight
-// rows of a node no other example may have touched. A node pushed now is usually expanded soon
-// (best-first and depth-first both tend to continue below the node just expanded), so its rows
-// are requested as it is pushed. Only the first kPrefetchBytes of a wide node's rows: the
-// hardware prefetcher follows a sequential read once it starts.
-constexpr int64_t kPrefetchBytes = 1024;
-
-template <typename scalar_t>
-inline void prefetch_rows(const SearchArgs<scalar_t>& a, int64_t node) {
-  const int64_t i = node - a.num_leaves;
-  const char* begin = reinterpret_cast<const char*>(a.weight + a.node_row_ptr[i] * a.dim);
-  const int64_t bytes = std::min<int64_t>(
-      (a.node_row_ptr[i + 1] - a.node_row_ptr[i]) * a.dim * sizeof(scalar_t), kPrefetchBytes);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(begin + off);
-}
-
 template <typename acc_t>
 struct Entry {
   acc_t log_prob;
   int64_t node;
 };
 
-// std::priority_queue order: "a comes out after b". Higher log-prob first; on equal log-prob an
-// internal node before a leaf (it may hold an equal leaf with a smaller id), leaves by id.
+// Search order, "a comes out after b": higher log-prob first; on equal log-prob an internal node
+// before a leaf (it may hold an equal leaf with a smaller id), then by node id. Entries are
+// distinct nodes, so this is a strict total order.
 template <typename acc_t>
 struct After {
   int64_t num_leaves;
-  bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
+  HSM_INLINE bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
     if (a.log_prob != b.log_prob) return a.log_prob < b.log_prob;
     const bool a_internal = a.node >= num_leaves, b_internal = b.node >= num_leaves;
     if (a_internal != b_internal) return b_internal;
@@ -141,62 +128,107 @@ struct After {
   }
 };
 
+// Removes and returns the first entry of a max-heap in After order. Bottom-up ("Floyd") pop: the
+// hole left at the top sinks along the better child with one comparison per level, then the last
+// entry, usually a poor one, rises from there a step or two. std::pop_heap compares it against
+// both children at every level, and those data-dependent branches mispredict about half the
+// time; here the per-level choice becomes an index increment.
+template <typename acc_t>
+HSM_INLINE Entry<acc_t> heap_pop(std::vector<Entry<acc_t>>& heap, const After<acc_t>& after) {
+  const Entry<acc_t> top = heap.front();
+  const Entry<acc_t> last = heap.back();
+  heap.pop_back();
+  const size_t n = heap.size();
+  if (n == 0) return top;
+  size_t hole = 0;
+  for (size_t c = 1; c < n; c = 2 * hole + 1) {
+    if (c + 1 < n) c += static_cast<size_t>(after(heap[c], heap[c + 1]));
+    heap[hole] = heap[c];
+    hole = c;
+  }
+  while (hole > 0) {
+    const size_t parent = (hole - 1) / 2;
+    if (!after(heap[parent], last)) break;
+    heap[hole] = heap[parent];
+    hole = parent;
+  }
+  heap[hole] = last;
+  return top;
+}
+
+// Best-first search, one example at a time: nodes come out of a max-heap in After order, so
+// leaves come out in the tie-rule order and the first k are the answer. The best child of the
+// node just expanded is usually the next to come out; it skips the heap when it is ("greedy
+// dive", which halves the heap traffic without changing the order of expansions).
 template <typename scalar_t>
-HSM_SEARCH_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max_children,
-                                  scalar_t* values, int64_t* indices, int64_t begin, int64_t end) {
+HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max_children,
+                               scalar_t* values, int64_t* indices, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> local(max_children);
-  std::vector<Entry<acc_t>> heap;  // max-heap of nodes to expand, in After order
-  std::vector<acc_t> kept;         // min-heap: the k best leaf log-probs pushed so far
+  std::vector<Entry<acc_t>> heap;  // max-heap in After order
+  std::vector<acc_t> kept;         // min-heap: the k best leaf log-probs seen so far
   const After<acc_t> after{a.num_leaves};
   const std::greater<acc_t> min_first;
+  auto heap_push = [&](const Entry<acc_t>& e) {
+    heap.push_back(e);
+    std::push_heap(heap.begin(), heap.end(), after);
+  };
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* h = a.hidden + b * a.dim;
     heap.clear();
     kept.clear();
-    heap.push_back({acc_t(0), a.root});
+    Entry<acc_t> cur{acc_t(0), a.root};
     int64_t found = 0;
-    while (found < k && !heap.empty()) {
-      std::pop_heap(heap.begin(), heap.end(), after);
-      const Entry<acc_t> top = heap.back();
-      heap.pop_back();
-      if (top.node < a.num_leaves) {
-        values[b * k + found] = static_cast<scalar_t>(top.log_prob);
-        indices[b * k + found] = top.node;
-        ++found;
-        continue;
-      }
-      const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local.data());
-      const int64_t first = a.child_ptr[top.node - a.num_leaves];
-      for (int j = 0; j < c; ++j) {
-        const acc_t lp = top.log_prob + local[j];
-        // Strictly below the k-th best known leaf: nothing in there can make the top k.
-        if (static_cast<int64_t>(kept.size()) == k && lp < kept.front()) continue;
-        const int64_t child = a.children[first + j];
-        heap.push_back({lp, child});
-        std::push_heap(heap.begin(), heap.end(), after);
-        if (child >= a.num_leaves) {
-          prefetch_rows(a, child);
-        } else {
-          kept.push_back(lp);
-          std::push_heap(kept.begin(), kept.end(), min_first);
-          if (static_cast<int64_t>(kept.size()) > k) {
-            std::pop_heap(kept.begin(), kept.end(), min_first);
-            kept.pop_back();
+    while (true) {
+      if (cur.node < a.num_leaves) {
+        values[b * k + found] = static_cast<scalar_t>(cur.log_prob);
+        indices[b * k + found] = cur.node;
+        if (++found == k) break;
+      } else {
+        const int c = child_log_probs<scalar_t, acc_t>(a, h, cur.node, local.data());
+        const int64_t first = a.child_ptr[cur.node - a.num_leaves];
+        Entry<acc_t> best{acc_t(0), -1};
+        for (int j = 0; j < c; ++j) {
+          const Entry<acc_t> e{cur.log_prob + local[j], a.children[first + j]};
+          // Strictly below the k-th best known leaf: nothing in there can make the top k.
+          if (static_cast<int64_t>(kept.size()) == k && e.log_prob < kept.front()) continue;
+          if (e.node < a.num_leaves) {
+            kept.push_back(e.log_prob);
+            std::push_heap(kept.begin(), kept.end(), min_first);
+            if (static_cast<int64_t>(kept.size()) > k) {
+              std::pop_heap(kept.begin(), kept.end(), min_first);
+              kept.pop_back();
+            }
+          }
+          if (best.node < 0) {
+            best = e;
+          } else if (after(best, e)) {
+            heap_push(best);
+            best = e;
+          } else {
+            heap_push(e);
           }
         }
+        if (best.node >= 0 && (heap.empty() || after(heap.front(), best))) {
+          cur = best;  // it would come out of the heap next anyway
+          continue;
+        }
+        if (best.node >= 0) heap_push(best);
       }
+      // The k leaves that set the pruning bound are never pruned, so k leaves always come out.
+      TORCH_INTERNAL_ASSERT(!heap.empty(), "topk_leaves found ", found, " < k = ", k, " leaves");
+      cur = heap_pop(heap, after);
     }
-    // The k leaves that set the pruning bound are in the heap, so the loop always finds k.
-    TORCH_INTERNAL_ASSERT(found == k, "topk_leaves found ", found, " < k = ", k, " leaves");
   }
 }
 
+// Rank of target y: log p(y) along y's path, then a depth-first search that enters only the
+// subtrees whose prefix is >= log p(y) and counts the leaves ordered before y.
 template <typename scalar_t>
-HSM_SEARCH_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* leaf_path_ptr,
-                                  const int32_t* path_node, const int32_t* path_choice,
-                                  const int64_t* target, int max_children, int64_t* rank,
-                                  int64_t begin, int64_t end) {
+HSM_CPU_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* leaf_path_ptr,
+                               const int32_t* path_node, const int32_t* path_choice,
+                               const int64_t* target, int max_children, int64_t* rank,
+                               int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> local(max_children);
   std::vector<Entry<acc_t>> stack;
@@ -209,8 +241,6 @@ HSM_SEARCH_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* 
       child_log_probs<scalar_t, acc_t>(a, h, a.num_leaves + path_node[s], local.data());
       threshold = threshold + local[path_choice[s]];
     }
-    // Count leaves before y in the order (log-prob desc, id asc); only subtrees whose prefix is
-    // >= log p(y) can hold one.
     int64_t before = 0;
     stack.clear();
     if (a.root >= a.num_leaves) stack.push_back({acc_t(0), a.root});
@@ -225,7 +255,6 @@ HSM_SEARCH_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* 
         const int64_t child = a.children[first + j];
         if (child >= a.num_leaves) {
           stack.push_back({lp, child});
-          prefetch_rows(a, child);
         } else if (lp > threshold || child < y) {
           ++before;
         }

@@ -1,0 +1,583 @@
+"""Output heads: :class:`HierarchicalSoftmax` and its dense twin :class:`DenseSoftmax`.
+
+Dimension letters: B batch, D ``in_features``, V leaves (classes), M internal nodes, E = N - 1
+tree edges (one per non-root node).
+
+Both heads have one interface, so a model switches heads with one argument:
+
+* ``head(hidden, target, reduction=, ignore_index=, label_smoothing=)``: negative log-likelihood,
+  the same contract as ``F.cross_entropy(linear(hidden), target, ...)``.
+* ``head.log_prob(hidden, target)`` (B,), ``head.log_prob_all(hidden)`` (B, V).
+* ``head.topk(hidden, k)`` and ``head.rank(hidden, target)``: exact, with one tie rule.
+
+**Tie rule.** Leaves are ordered by log-probability descending, then by leaf id ascending. ``topk``
+returns the first k leaves of that order and ``rank`` the 1-based position of the target in it:
+``rank(y) = 1 + #{l : lp(l) > lp(y)} + #{l : lp(l) == lp(y), l < y}``, so
+``topk(h, V).indices[b, rank[b] - 1] == target[b]``. "Equal" means bit-equal as computed by the
+head (the tree search accumulates each leaf's log-prob root-down in float32, or float64 for
+float64 inputs; NaN log-probs rank as -inf).
+
+**k > V** is clamped: ``topk`` returns ``min(k, V)`` columns (so ``topk(h, 10)`` works on any
+vocabulary, e.g. for accuracy@10), and ``k < 1`` raises.
+
+**Label smoothing** (``label_smoothing = eps``) mixes the target with the uniform distribution
+over the V leaves, exactly as ``F.cross_entropy(..., label_smoothing=eps)`` does for a dense head:
+``loss = (1 - eps) * (-log p(y)) + eps * mean_l(-log p(l))``. For a tree the mean is exact and
+needs no (B, V) tensor: ``sum_l log p(l) = sum over edges (n -> c) of leaves(c) * log p(c | n)``,
+one term per edge. It still scores all ``V - 1`` rows per example (O(V * D), one matmul), so a
+smoothed loss costs about as much as a dense head's: the price of exact smoothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hsoftmax import _search_ops
+from hsoftmax.ops import path_log_prob
+from hsoftmax.tree import Tree
+
+__all__ = ["HierarchicalSoftmax", "DenseSoftmax"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class _Head(nn.Module):
+    """The interface and argument checks both heads share; subclasses supply the math."""
+
+    in_features: int
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    @property
+    def num_classes(self) -> int:
+        """V, the number of classes (leaves)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public interface
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        target: torch.Tensor,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Negative log-likelihood of ``target``, the contract of ``F.cross_entropy``.
+
+        Args:
+            hidden: (B, D) in the head's dtype and device.
+            target: (B,) integer class ids in ``[0, V)``, or ``ignore_index``.
+            reduction: ``"mean"`` (over the rows not ignored; NaN when all are, like PyTorch),
+                ``"sum"`` or ``"none"`` ((B,), 0 at ignored rows).
+            ignore_index: rows whose target equals it contribute 0 to the loss and its gradient.
+                ``None`` (the default) ignores nothing, so every target must be a valid id.
+            label_smoothing: eps in [0, 1]: ``(1 - eps) * nll + eps * mean_l(-log p(l))``, the
+                uniform mixture of ``F.cross_entropy``; costs O(V * D) per example when > 0.
+        """
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
+            raise TypeError(
+                f"label_smoothing must be a float, got {type(label_smoothing).__name__}"
+            )
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        self._check_hidden(hidden)
+        self._check_target(target, hidden, allow=ignore_index)
+        keep = None
+        if ignore_index is not None:
+            keep = target != ignore_index
+            target = torch.where(keep, target, torch.zeros_like(target))
+        if label_smoothing > 0:
+            nll, smooth = self._nll_and_smoothing(hidden, target)
+            loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        else:
+            loss = -self._log_prob(hidden, target)
+        if keep is not None:
+            loss = torch.where(keep, loss, torch.zeros_like(loss))
+        if reduction == "none":
+            return loss
+        if reduction == "sum":
+            return loss.sum()
+        if keep is None:
+            return loss.mean()
+        return loss.sum() / keep.sum().to(loss.dtype)
+
+    def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,) ``log p(target | hidden)``, differentiable."""
+        self._check_hidden(hidden)
+        self._check_target(target, hidden)
+        return self._log_prob(hidden, target)
+
+    def log_prob_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, V) log-probability of every class, exact and differentiable."""
+        self._check_hidden(hidden)
+        return self._log_prob_all(hidden)
+
+    def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k classes by log-probability: ``(values (B, k'), indices (B, k'))`` with
+        ``k' = min(k, V)``, ordered by log-prob descending, then class id ascending. Values are
+        log-probabilities, detached (no gradient)."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self._check_hidden(hidden)
+        with torch.no_grad():
+            return self._topk(hidden.detach(), min(int(k), self.num_classes))
+
+    def rank(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 exact 1-based rank of ``target`` among all V classes (1 = most likely),
+        ties broken by class id: ``1 + #{l: lp(l) > lp(y)} + #{l: lp(l) == lp(y), l < y}``."""
+        self._check_hidden(hidden)
+        self._check_target(target, hidden)
+        with torch.no_grad():
+            return self._rank(hidden.detach(), target)
+
+    # ------------------------------------------------------------------ to implement
+
+    def _log_prob(self, hidden, target):
+        raise NotImplementedError
+
+    def _log_prob_all(self, hidden):
+        raise NotImplementedError
+
+    def _nll_and_smoothing(self, hidden, target):
+        """((B,) -log p(target), (B,) mean over classes of -log p)."""
+        raise NotImplementedError
+
+    def _topk(self, hidden, k):
+        return topk_by_id(self._log_prob_all(hidden), k)
+
+    def _rank(self, hidden, target):
+        return rank_by_id(self._log_prob_all(hidden), target)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_hidden(self, hidden) -> None:
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        if hidden.dim() != 2 or hidden.shape[1] != self.in_features:
+            raise ValueError(
+                f"hidden must have shape (B, in_features={self.in_features}), "
+                f"got {tuple(hidden.shape)}"
+            )
+        if hidden.dtype != self.weight.dtype:
+            raise TypeError(
+                f"hidden dtype {hidden.dtype} must match the head's dtype {self.weight.dtype}"
+            )
+        if hidden.device != self.weight.device:
+            raise ValueError(
+                f"hidden is on {hidden.device} but the head is on {self.weight.device}"
+            )
+
+    def _check_target(self, target, hidden, allow: int | None = None) -> None:
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+        batch = hidden.shape[0]
+        if target.dim() != 1 or target.shape[0] != batch:
+            raise ValueError(f"target must have shape (B,) = ({batch},), got {tuple(target.shape)}")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must be an integer tensor (int64), got {target.dtype}")
+        if target.device != hidden.device:
+            raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+        if target.numel() == 0 or torch.compiler.is_compiling():
+            return  # a data-dependent check would break a compiled graph
+        v = self.num_classes
+        bad = (target < 0) | (target >= v)
+        if allow is not None:
+            bad &= target != allow
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])
+            extra = "" if allow is None else f" or ignore_index={allow}"
+            raise IndexError(
+                f"target[{index}] = {int(target[index])} is out of range for {v} classes "
+                f"(valid: 0 .. {v - 1}{extra})"
+            )
+
+
+class HierarchicalSoftmax(_Head):
+    r"""A hierarchical-softmax output head over a :class:`~hsoftmax.Tree` with V leaves.
+
+    ``log p(y | h) = sum over the path of y of log softmax_node(z)[child]``, where internal node
+    ``n`` scores its children with ``z_0 = 0`` and ``z_k = weight[r_n + k - 1] @ h + bias[...]``
+    (see :mod:`hsoftmax.tree`). ``weight`` is ``(V - 1, D)``: one row fewer than a dense head.
+
+    ``forward``/``log_prob`` run the fused path kernel (O(depth * D) per example). ``topk`` and
+    ``rank`` search the tree exactly, expanding only nodes whose prefix log-prob can still matter
+    (C++, parallel over the batch, on the CPU; on other devices an exact dense fallback:
+    ``log_prob_all`` then a tie-aware top-k / comparison count). ``log_prob_all`` and label
+    smoothing score every row with one matmul, then work level by level over the tree.
+
+    The tree is stored in the ``state_dict`` (buffers ``tree_parents``, ``tree_num_leaves``):
+    loading a state dict replaces this head's tree, and :meth:`from_state_dict` rebuilds a head
+    without the tree file.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        tree: Tree,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if not isinstance(tree, Tree):
+            raise TypeError(f"tree must be an hsoftmax.Tree, got {type(tree).__name__}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(tree.num_rows, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(tree.num_rows, **factory)) if bias else None
+        self._set_tree(tree)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_counts(cls, in_features: int, counts, arity: int = 2, **kwargs) -> HierarchicalSoftmax:
+        """A head over the Huffman tree of class ``counts`` (frequent classes get short paths,
+        which minimises the expected path length and so the training cost)."""
+        return cls(in_features, Tree.huffman(counts, arity), **kwargs)
+
+    @classmethod
+    def from_features(
+        cls, in_features: int, features, *, bias: bool = True, device=None, dtype=None, **tree_args
+    ) -> HierarchicalSoftmax:
+        """A head over ``Tree.from_features(features, **tree_args)`` (e.g. ``branching``,
+        ``seed``): classes with similar feature vectors share subtrees."""
+        tree = Tree.from_features(features, **tree_args)
+        return cls(in_features, tree, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, prefix: str = "") -> HierarchicalSoftmax:
+        """Rebuild a head (tree, sizes, dtype, device) from a ``state_dict`` alone."""
+        tree = Tree.from_parents(
+            state_dict[prefix + "tree_parents"].cpu(),
+            num_leaves=int(state_dict[prefix + "tree_num_leaves"]),
+        )
+        weight = state_dict[prefix + "weight"]
+        head = cls(
+            weight.shape[1],
+            tree,
+            bias=state_dict.get(prefix + "bias") is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        head.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state_dict.items() if k[: len(prefix)] == prefix}
+        )
+        return head
+
+    # ------------------------------------------------------------------ tree state
+
+    @property
+    def num_classes(self) -> int:
+        return self.tree.num_leaves
+
+    @property
+    def num_leaves(self) -> int:
+        """V (same as :attr:`num_classes`)."""
+        return self.tree.num_leaves
+
+    def _set_tree(self, tree: Tree) -> None:
+        device = self.weight.device
+        self.tree = tree
+        self.register_buffer("tree_parents", tree.parents.to(device))
+        self.register_buffer("tree_num_leaves", torch.tensor(tree.num_leaves, device=device))
+        # Flattened eagerly (cheap, numpy), so that torch.compile never traces the flattening.
+        cpu = torch.device("cpu")
+        self._cache: dict = {
+            "search": _search_ops.search_tree(tree),
+            cpu: _FlatTree.build(tree, cpu),
+        }
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key_parents, key_leaves = prefix + "tree_parents", prefix + "tree_num_leaves"
+        if key_parents in state_dict and key_leaves in state_dict:
+            num_leaves = int(state_dict[key_leaves])
+            parents = state_dict[key_parents].detach().cpu()
+            if num_leaves != self.num_leaves:
+                error_msgs.append(
+                    f"the state_dict holds a tree of {num_leaves} leaves but this head has "
+                    f"{self.num_leaves}; build the head with HierarchicalSoftmax.from_state_dict"
+                )
+                return
+            if not torch.equal(parents, self.tree_parents.cpu()):
+                self._set_tree(Tree.from_parents(parents, num_leaves=num_leaves))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _flat(self, device: torch.device) -> _FlatTree:
+        flat = self._cache.get(device)
+        if flat is None:  # first use on another device: copy the CPU tensors once
+            flat = _move_flat(self._cache[torch.device("cpu")], device)
+            self._cache[device] = flat
+        return flat
+
+    def _search_tree(self) -> _search_ops.SearchTree:
+        return self._cache["search"]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_leaves={self.num_leaves}, "
+            f"depth={self.tree.depth}, bias={self.bias is not None}"
+        )
+
+    # ------------------------------------------------------------------ math
+
+    def _log_prob(self, hidden, target):
+        return path_log_prob(hidden, self.weight, self.bias, self.tree, target)
+
+    def _edge_log_probs(self, hidden) -> tuple[torch.Tensor, _FlatTree]:
+        """(E, B) ``log p(child | parent)`` of every edge, rows in the level order of
+        :class:`_FlatTree`. Node-major (E, B) so that every gather below copies whole rows."""
+        flat = self._flat(hidden.device)
+        scores = self.weight @ hidden.T  # (V - 1, B): one matmul scores every row
+        if self.bias is not None:
+            scores = scores + self.bias[:, None]
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            scores = scores.float()
+        batch = hidden.shape[0]
+        # One log-softmax per group of nodes with the same number of children c (few groups in
+        # practice): (nodes, c - 1, B) logits, the first child's 0 prepended.
+        parts = []
+        for c, rows in flat.groups:
+            nodes = rows.shape[0] // (c - 1)
+            z = scores.index_select(0, rows).view(nodes, c - 1, batch)
+            z = torch.cat([z.new_zeros((nodes, 1, batch)), z], dim=1)
+            parts.append(z.log_softmax(dim=1).view(nodes * c, batch))
+        local = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return local.index_select(0, flat.perm), flat
+
+    def _log_prob_all(self, hidden):
+        batch = hidden.shape[0]
+        if self.num_leaves == 1:
+            return hidden.new_zeros((batch, 1))
+        local, flat = self._edge_log_probs(hidden)
+        # Level by level: the log-prob of an edge's child is its parent's plus its own local one.
+        levels = []
+        for d, (start, end) in enumerate(flat.level_bounds):
+            here = local[start:end]
+            if d > 0:
+                here = here + levels[d - 1].index_select(0, flat.parent_edge[start:end])
+            levels.append(here)
+        node_major = torch.cat(levels).index_select(0, flat.leaf_edge)  # (V, B)
+        return node_major.T.contiguous().to(hidden.dtype)
+
+    def _nll_and_smoothing(self, hidden, target):
+        nll = -self._log_prob(hidden, target)
+        if self.num_leaves == 1:
+            return nll, torch.zeros_like(nll)
+        local, flat = self._edge_log_probs(hidden)
+        # mean_l log p(l) = sum over edges of (leaves under the child / V) * log p(child | parent)
+        smooth = -(flat.edge_leaf_share.to(local.dtype) @ local)
+        return nll, smooth.to(nll.dtype)
+
+    def _topk(self, hidden, k):
+        if hidden.device.type != "cpu":
+            return super()._topk(hidden, k)
+        return _search_ops.topk_leaves(hidden, self.weight, self.bias, self._search_tree(), k)
+
+    def _rank(self, hidden, target):
+        if hidden.device.type != "cpu":
+            return super()._rank(hidden, target)
+        return _search_ops.leaf_rank(hidden, self.weight, self.bias, self._search_tree(), target)
+
+
+@dataclass(frozen=True)
+class _FlatTree:
+    """Index tensors for the all-leaves computations (``log_prob_all``, label smoothing).
+
+    Edges (one per non-root node) are numbered in level order: level d's edges (those out of the
+    nodes at depth d) are the contiguous range ``level_bounds[d]``. ``parent_edge[e]`` is the
+    position, within the previous level's range, of the edge into e's parent node.
+    """
+
+    groups: tuple[tuple[int, torch.Tensor], ...]  # (c, weight rows of the nodes with c children)
+    perm: torch.Tensor  # (E,) int64: row of each level-order edge in the groups' output
+    parent_edge: torch.Tensor  # (E,) int64 (0 on level 0, unused there)
+    leaf_edge: torch.Tensor  # (V,) int64: the level-order edge into each leaf
+    edge_leaf_share: torch.Tensor  # (E,) float64: leaves under the edge's child / V
+    level_bounds: tuple[tuple[int, int], ...]
+
+    @staticmethod
+    def build(tree: Tree, device: torch.device) -> _FlatTree:
+        v, n = tree.num_leaves, tree.num_nodes
+        parents = tree.parents.numpy()
+        child_ptr = tree.child_ptr.numpy()
+        children = tree.children_flat.numpy()
+        counts = np.diff(child_ptr)
+        node_row_ptr = child_ptr - np.arange(child_ptr.size)  # node i owns c_i - 1 rows
+        parent_of = np.repeat(np.arange(n - v), counts)  # per CSR edge (children_flat order)
+
+        # group the internal nodes by their number of children
+        groups, group_row = [], np.empty(children.size, dtype=np.int64)
+        offset = 0
+        for c in np.unique(counts):
+            nodes = np.flatnonzero(counts == c)
+            rows = (node_row_ptr[nodes][:, None] + np.arange(c - 1)).ravel()
+            edges = (child_ptr[nodes][:, None] + np.arange(c)).ravel()
+            group_row[edges] = offset + np.arange(edges.size)
+            offset += edges.size
+            groups.append((int(c), torch.as_tensor(rows, dtype=torch.int64, device=device)))
+
+        # breadth-first: the CSR edges out of each level's internal nodes
+        order_parts, bounds = [], []
+        frontier = np.flatnonzero(parents == -1)
+        start = 0
+        while True:
+            internal = frontier[frontier >= v] - v
+            if internal.size == 0:
+                break
+            sizes = counts[internal]
+            firsts = np.repeat(child_ptr[internal] - np.cumsum(sizes) + sizes, sizes)
+            edges = firsts + np.arange(sizes.sum())
+            order_parts.append(edges)
+            bounds.append((start, start + edges.size))
+            start += edges.size
+            frontier = children[edges]
+        order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
+        level_index = np.empty_like(order)
+        level_index[order] = np.arange(order.size)  # CSR edge -> level-order edge
+        edge_into = np.full(n, -1, dtype=np.int64)  # CSR edge into each node
+        edge_into[children] = np.arange(children.size)
+
+        leaves = np.zeros(n, dtype=np.int64)  # leaves below each node, bottom-up by level
+        leaves[:v] = 1
+        for s, e in reversed(bounds):
+            edges = order[s:e]
+            np.add.at(leaves, parent_of[edges] + v, leaves[children[edges]])
+        parent_edge = np.zeros(order.size, dtype=np.int64)
+        for d in range(1, len(bounds)):
+            s, e = bounds[d]
+            into_parent = level_index[edge_into[parent_of[order[s:e]] + v]]
+            parent_edge[s:e] = into_parent - bounds[d - 1][0]
+
+        def tensor(a, dtype=torch.int64):
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+        return _FlatTree(
+            groups=tuple(groups),
+            perm=tensor(group_row[order]),
+            parent_edge=tensor(parent_edge),
+            leaf_edge=tensor(level_index[edge_into[:v]] if n > 1 else np.zeros(v, np.int64)),
+            edge_leaf_share=tensor(leaves[children[order]] / v, torch.float64),
+            level_bounds=tuple(bounds),
+        )
+
+
+@torch.compiler.disable
+def _move_flat(flat: _FlatTree, device: torch.device) -> _FlatTree:
+    moved = {
+        name: getattr(flat, name).to(device)
+        for name in ("perm", "parent_edge", "leaf_edge", "edge_leaf_share")
+    }
+    groups = tuple((c, rows.to(device)) for c, rows in flat.groups)
+    return _FlatTree(groups=groups, level_bounds=flat.level_bounds, **moved)
+
+
+class DenseSoftmax(_Head):
+    """A plain ``Linear`` + log-softmax head with :class:`HierarchicalSoftmax`'s interface.
+
+    ``forward`` equals ``F.cross_entropy(F.linear(hidden, weight, bias), target, ...)``;
+    ``topk`` and ``rank`` score all V classes and apply the same tie rule.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self._num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def _log_prob_all(self, hidden):
+        logits = F.linear(hidden, self.weight, self.bias)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            return logits.float().log_softmax(1).to(hidden.dtype)
+        return logits.log_softmax(1)
+
+    def _log_prob(self, hidden, target):
+        return self._log_prob_all(hidden).gather(1, target[:, None])[:, 0]
+
+    def _nll_and_smoothing(self, hidden, target):
+        lp = self._log_prob_all(hidden)
+        return -lp.gather(1, target[:, None])[:, 0], -lp.mean(1)
+
+
+def topk_by_id(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``scores`` (B, V) ordered by score descending, then column id
+    ascending (``torch.topk`` leaves ties in no particular order). NaN counts as -inf."""
+    batch, v = scores.shape
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    greater = scores > kth
+    equal = scores == kth
+    need = k - greater.sum(1, keepdim=True)
+    take = greater | (equal & (equal.cumsum(1) <= need))  # the first `need` ties by id
+    indices = take.nonzero()[:, 1].view(batch, k)  # ascending ids per row
+    values = scores.gather(1, indices)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), indices.gather(1, order)
+
+
+def rank_by_id(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) 1-based rank of ``target`` in each row of ``scores`` under :func:`topk_by_id`'s
+    order."""
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
+    mine = scores.gather(1, target[:, None])
+    ids = torch.arange(scores.shape[1], device=scores.device)
+    before = (scores > mine) | ((scores == mine) & (ids < target[:, None]))
+    return before.sum(1) + 1
