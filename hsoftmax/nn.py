@@ -289,6 +289,37 @@ class HierarchicalSoftmax(_Head):
         )
         return head
 
+    def retree(self, new_tree: Tree, hidden: torch.Tensor | None = None) -> HierarchicalSoftmax:
+        """A head over ``new_tree`` (same classes) that starts from this head's predictions.
+
+        Rows cannot be copied between trees (a row scores a different split in each), so the
+        new head gets zero weights and biases set so its distribution equals this head's
+        average prediction over ``hidden`` (a sample of training hidden states; ``None``: the
+        prediction at ``h = 0``) -- see :func:`hsoftmax.builders.retree_weights`. Training then
+        restarts from a calibrated prior instead of a uniform one.
+        """
+        from hsoftmax import builders
+
+        weight, bias = builders.retree_weights(
+            self.tree,
+            self.weight.detach(),
+            None if self.bias is None else self.bias.detach(),
+            new_tree,
+            hidden,
+        )
+        head = type(self)(
+            self.in_features,
+            new_tree,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            if head.bias is not None:
+                head.bias.copy_(bias)
+        return head
+
     # ------------------------------------------------------------------ tree state
 
     @property

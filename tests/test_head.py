@@ -584,3 +584,23 @@ def test_topk_under_torch_compile():
     hidden, _ = inputs(head, batch=4, seed=34)
     compiled = torch.compile(lambda h: head.topk(h, 3), backend="eager", fullgraph=True)
     assert torch.equal(compiled(hidden)[1], head.topk(hidden, 3)[1])
+
+
+def test_retree_keeps_the_average_prediction():
+    """head.retree(new_tree): a head over another tree whose distribution equals the old
+    head's average prediction over the given hidden states."""
+    g = torch.Generator().manual_seed(3)
+    v, d = 40, 6
+    old = HierarchicalSoftmax(d, Tree.balanced(v, 2))
+    with torch.no_grad():
+        old.weight.normal_(generator=g)
+        old.bias.normal_(generator=g)
+    hidden = torch.randn(25, d, generator=g)
+    new_tree = Tree.balanced(v, 3)
+    new = old.retree(new_tree, hidden)
+    assert new.tree == new_tree and new.weight.shape == (v - 1, d)
+    assert torch.count_nonzero(new.weight) == 0
+    expected = old.log_prob_all(hidden).exp().mean(0)
+    got = new.log_prob_all(torch.randn(3, d, generator=g)).exp()
+    for row in got:
+        torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-6)
