@@ -133,12 +133,33 @@ inline void for_each_path_row(const TreeView& tree, int64_t y, F&& fn) {
   }
 }
 
+// Weight rows on a path are scattered over the matrix, and the forward and grad_hidden loops stall
+// on them; the next example's path is known in advance, so its rows are fetched while the
+// current example computes. Capped so a very wide node does not flood the cache.
+template <typename scalar_t>
+inline void prefetch_path_rows(const TreeView& tree, int64_t y, const scalar_t* weight,
+                               int64_t dim) {
+  constexpr int64_t kMaxRows = 64;
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  int64_t budget = kMaxRows;
+  for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1] && budget > 0; ++s) {
+    const int32_t node = tree.path_node[s];
+    const int64_t r0 = tree.node_row_ptr[node];
+    const int64_t r1 = std::min<int64_t>(tree.node_row_ptr[node + 1], r0 + budget);
+    budget -= r1 - r0;
+    for (const scalar_t* p = weight + r0 * dim; p < weight + r1 * dim; p += kLine) {
+      __builtin_prefetch(p, 0, 1);
+    }
+  }
+}
+
 template <typename scalar_t>
 HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_t begin,
                                   int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const TreeView& tree = a.tree;
   for (int64_t b = begin; b < end; ++b) {
+    if (b + 1 < end) prefetch_path_rows(tree, a.target[b + 1], a.weight, a.dim);
     const scalar_t* h = a.hidden + b * a.dim;
     acc_t* z = a.coef + b * a.rows;
     const int64_t y = a.target[b];
@@ -168,6 +189,7 @@ HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hi
   using acc_t = at::opmath_type<scalar_t>;
   RowAccumulator<scalar_t> row(a.dim);
   for (int64_t b = begin; b < end; ++b) {
+    if (b + 1 < end) prefetch_path_rows(a.tree, a.target[b + 1], a.weight, a.dim);
     scalar_t* gh = grad_hidden + b * a.dim;
     acc_t* acc = row.start(gh);
     const acc_t gb = static_cast<acc_t>(a.grad_log_prob[b]);
