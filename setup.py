@@ -88,6 +88,7 @@ setup(
     version="0.1.0",
     description="Fused hierarchical softmax (CPU + CUDA) for PyTorch, with exact top-k and rank",
     packages=find_packages(include=["hsoftmax", "hsoftmax.*"]),
+    package_data={"hsoftmax.training": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # module path -> it defines ``register(subparsers)`` adding its sub-command(s)
-_AREAS = ("hsoftmax.data.cli", "hsoftmax.tree_cli")
+_AREAS = ("hsoftmax.data.cli", "hsoftmax.tree_cli", "hsoftmax.train_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

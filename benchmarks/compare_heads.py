@@ -1,0 +1,137 @@
+"""The head comparison of the README: dense vs hierarchical-softmax heads, with and without history.
+
+Trains every configuration below on one preset with the seed's model (``configs/<preset>.yaml``),
+each run in its own ``hsoftmax train`` process (so its peak memory is its own), and writes a
+Markdown table plus the raw results as JSON:
+
+    python benchmarks/compare_heads.py --preset diy --epochs 100 --seeds 0 1 --out results/diy
+    python benchmarks/compare_heads.py --preset geolife --epochs 2 --seeds 0 \\
+        --configs dense dense+logit_add hs-kmeans128+mixture     # a reduced run
+
+Columns: test Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
+mean ± standard deviation over seeds), trainable parameters, mean training seconds per epoch
+(training steps only, validation excluded), and the peak resident memory of the training process
+(``ru_maxrss``: data, model, optimizer and Python included, so it is an upper bound on what the
+head adds). Every ``--set key=value`` is passed to each run (e.g. ``--set train.num_threads=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> config overrides (the seed's configuration otherwise)
+CONFIGS: dict[str, list[str]] = {
+    "dense": ["model.head=dense", "model.history=none"],
+    "dense+logit_add": ["model.head=dense", "model.history=logit_add"],
+    "dense+mixture": ["model.head=dense", "model.history=mixture"],
+    "hs-binary": ["model.head=hsoftmax", "model.tree=balanced", "model.history=none"],
+    "hs-binary+mixture": ["model.head=hsoftmax", "model.tree=balanced", "model.history=mixture"],
+    "hs-kmeans128": ["model.head=hsoftmax", "model.tree=kmeans", "model.history=none"],
+    "hs-kmeans128+mixture": ["model.head=hsoftmax", "model.tree=kmeans", "model.history=mixture"],
+    "hs-huffman": ["model.head=hsoftmax", "model.tree=huffman", "model.history=none"],
+    "hs-huffman+mixture": ["model.head=hsoftmax", "model.tree=huffman", "model.history=mixture"],
+}
+METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
+
+
+def run_one(name: str, seed: int, args, out: Path) -> dict:
+    run_dir = out / "runs" / f"{name}-seed{seed}"
+    cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
+    sets = [
+        f"data.preset={args.preset}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={seed}",
+        f"output.run_dir={run_dir}",
+        "train.progress=false",
+        "train.val_metrics=false",
+        *CONFIGS[name],
+        *args.set,
+    ]
+    for s in sets:
+        cmd += ["--set", s]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{name} seed {seed} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
+    history = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        "config": name,
+        "seed": seed,
+        "test": json.loads((run_dir / "test_metrics.json").read_text()),
+        "params": json.loads((run_dir / "params.json").read_text()),
+        "epochs": len(history),
+        "seconds_per_epoch": statistics.mean(r["train_seconds"] for r in history),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in history),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| configuration | seeds | Acc@1 | Acc@5 | Acc@10 | MRR | NDCG@10 | F1 | parameters "
+        "| s/epoch | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["config"] for r in results):
+        rows = [r for r in results if r["config"] == name]
+        cells = [_cell([r["test"][m] for r in rows]) for m in METRICS]
+        lines.append(
+            f"| {name} | {len(rows)} | "
+            + " | ".join(cells)
+            + f" | {rows[0]['params']['total']:,} | "
+            + f"{statistics.mean(r['seconds_per_epoch'] for r in rows):.1f} | "
+            + f"{max(r['peak_rss_mb'] for r in rows):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="diy", choices=("diy", "geolife"))
+    p.add_argument("--epochs", type=int, default=100, help="at most (early stopping applies)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="output directory (default results/<preset>)")
+    args = p.parse_args(argv)
+    out = Path(args.out or f"results/{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.configs:
+        for seed in args.seeds:
+            r = run_one(name, seed, args, out)
+            results.append(r)
+            print(
+                f"{name} seed {seed}: acc@1 {r['test']['acc@1']:.2f}, {r['epochs']} epochs, "
+                f"{r['seconds_per_epoch']:.1f} s/epoch, {r['wall_seconds']:.0f} s",
+                flush=True,
+            )
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    header = (
+        f"preset {args.preset}, epochs <= {args.epochs}, seeds {args.seeds}, overrides "
+        f"{args.set or 'none'}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
+    (out / "table.md").write_text(f"{header}\n\n{text}\n")
+    print(header)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

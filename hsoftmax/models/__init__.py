@@ -1,0 +1,52 @@
+"""Next-location models: :class:`HistoryCentricModel` and its history module.
+
+* :mod:`~hsoftmax.models.history_centric`: the transformer encoder and the model;
+* :mod:`~hsoftmax.models.history`: window scores, the pointer-generator mixture (any head) and
+  the seed's logit addition (dense head);
+* :mod:`~hsoftmax.models.factory`: building a model from a config, parameter counts and budget.
+"""
+
+from .factory import (
+    HEADS,
+    MODEL_DEFAULTS,
+    TREES,
+    ParameterBudgetError,
+    build_head,
+    build_model,
+    build_tree,
+    check_budget,
+    parameter_report,
+)
+from .history import (
+    HISTORY_KINDS,
+    HeadOnly,
+    HistoryLogitAdd,
+    HistoryMixture,
+    HistoryScorer,
+    PointerScorer,
+    Window,
+    masked_logsumexp,
+)
+from .history_centric import HistoryCentricModel, HistoryEncoder
+
+__all__ = [
+    "HEADS",
+    "HISTORY_KINDS",
+    "MODEL_DEFAULTS",
+    "TREES",
+    "HeadOnly",
+    "HistoryCentricModel",
+    "HistoryEncoder",
+    "HistoryLogitAdd",
+    "HistoryMixture",
+    "HistoryScorer",
+    "ParameterBudgetError",
+    "PointerScorer",
+    "Window",
+    "build_head",
+    "build_model",
+    "build_tree",
+    "check_budget",
+    "masked_logsumexp",
+    "parameter_report",
+]

@@ -1,0 +1,178 @@
+"""Build a :class:`HistoryCentricModel` from a config dict and the data; count its parameters.
+
+The config keys (section ``model`` of the training YAML) and their defaults are
+:data:`MODEL_DEFAULTS`: the seed report's configuration with the hierarchical-softmax head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
+from hsoftmax.tree import Tree
+
+from .history_centric import HistoryCentricModel, HistoryEncoder
+
+__all__ = [
+    "HEADS",
+    "MODEL_DEFAULTS",
+    "TREES",
+    "ParameterBudgetError",
+    "build_head",
+    "build_model",
+    "build_tree",
+    "check_budget",
+    "parameter_report",
+]
+
+HEADS = ("hsoftmax", "dense")
+TREES = ("balanced", "kmeans", "huffman")
+
+MODEL_DEFAULTS: dict = {
+    "loc_emb_dim": 48,
+    "user_emb_dim": 16,
+    "time_emb_dim": 16,
+    "weekday_emb_dim": 8,
+    "duration_emb_dim": 16,
+    "diff_emb_dim": 8,
+    "d_model": 112,
+    "num_layers": 4,
+    "nhead": 8,
+    "dim_feedforward": 224,
+    "dropout": 0.2,
+    "max_len": 512,
+    "head": "hsoftmax",  # hsoftmax | dense
+    "tree": "kmeans",  # balanced | kmeans | huffman (hsoftmax head only)
+    "tree_arity": 2,  # balanced and huffman trees
+    "tree_branching": 128,  # kmeans tree: int, list of ints, or "binary"
+    "tree_seed": 0,
+    "history": "mixture",  # none | mixture | logit_add (dense head only)
+}
+
+
+class ParameterBudgetError(ValueError):
+    """The model has more parameters than the configured budget."""
+
+
+def _location_coords(data) -> np.ndarray:
+    """(V, 2) lat/lon per encoded id; ids without coordinates (padding, unseen, missing) get the
+    mean position, so they sit in some central cluster."""
+    v = data.n_locations
+    coords = np.full((v, 2), np.nan)
+    locs = data.locations
+    if len(locs):
+        ids = locs["loc"].to_numpy(np.int64)
+        coords[ids] = locs[["lat", "lon"]].to_numpy(np.float64)
+    known = np.isfinite(coords).all(1)
+    if not known.any():
+        raise ValueError(
+            "model.tree 'kmeans' needs location coordinates and the data has none (MHSA pickles "
+            "without a vocab_locations.csv); use model.tree=huffman or balanced"
+        )
+    coords[~known] = coords[known].mean(0)
+    return coords
+
+
+def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) -> Tree:
+    """The tree over the ``data.n_locations`` classes.
+
+    * ``balanced``: :meth:`Tree.balanced` (consecutive ids grouped; ``arity`` 2 = binary);
+    * ``kmeans``: :meth:`Tree.from_features` on the locations' lat/lon (projected to km),
+      ``branching`` clusters per level (128: root -> 128 clusters -> locations);
+    * ``huffman``: :meth:`Tree.huffman` on the training targets' counts.
+    """
+    v = data.n_locations
+    if method == "balanced":
+        return Tree.balanced(v, arity)
+    if method == "kmeans":
+        if isinstance(branching, list):
+            branching = tuple(branching)
+        return Tree.from_features(
+            _location_coords(data), branching=branching, seed=seed, coords="latlon"
+        )
+    if method == "huffman":
+        counts = np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v)
+        return Tree.huffman(counts, arity)
+    raise ValueError(f"model.tree must be one of {TREES}, got {method!r}")
+
+
+def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
+    """The output head named by ``cfg["head"]`` with ``in_features = cfg["d_model"]``."""
+    d, v = int(cfg["d_model"]), data.n_locations
+    if cfg["head"] == "dense":
+        return DenseSoftmax(d, v)
+    if cfg["head"] == "hsoftmax":
+        if tree is None:
+            tree = build_tree(
+                cfg["tree"], data, cfg["tree_arity"], cfg["tree_branching"], cfg["tree_seed"]
+            )
+        return HierarchicalSoftmax(d, tree)
+    raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")
+
+
+def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricModel:
+    """A :class:`HistoryCentricModel` for ``data`` from a ``model`` config section (missing keys
+    take :data:`MODEL_DEFAULTS`; unknown keys raise ``KeyError``)."""
+    unknown = sorted(set(cfg) - set(MODEL_DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown model config key(s): {', '.join(unknown)}")
+    cfg = {**MODEL_DEFAULTS, **cfg}
+    if cfg["history"] == "logit_add" and cfg["head"] != "dense":
+        raise ValueError(
+            "model.history 'logit_add' adds scores to all V logits and needs model.head 'dense'; "
+            "use history 'mixture' with the hsoftmax head"
+        )
+    encoder = HistoryEncoder(
+        data.n_locations,
+        data.n_users,
+        **{
+            k: cfg[k]
+            for k in (
+                "loc_emb_dim",
+                "user_emb_dim",
+                "time_emb_dim",
+                "weekday_emb_dim",
+                "duration_emb_dim",
+                "diff_emb_dim",
+                "d_model",
+                "num_layers",
+                "nhead",
+                "dim_feedforward",
+                "dropout",
+                "max_len",
+            )
+        },
+    )
+    return HistoryCentricModel(encoder, build_head(cfg, data, tree), history=cfg["history"])
+
+
+def parameter_report(model: HistoryCentricModel) -> dict[str, int]:
+    """Trainable parameters by component: ``embeddings`` (all embedding tables and the input
+    projection), ``encoder`` (transformer layers and final norm), ``history`` (scorer and gate),
+    ``head``, and ``total``."""
+    parts = {"embeddings": 0, "encoder": 0, "history": 0, "head": 0}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("encoder.layers."):
+            parts["encoder"] += p.numel()
+        elif name.startswith("encoder."):
+            parts["embeddings"] += p.numel()
+        elif name.startswith("output.head."):
+            parts["head"] += p.numel()
+        else:
+            parts["history"] += p.numel()
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_budget(report: dict[str, int], budget: int | None, allow_over: bool = False) -> None:
+    """Raise :class:`ParameterBudgetError` if ``report["total"] > budget`` (unless allowed)."""
+    if budget is None or allow_over or report["total"] <= budget:
+        return
+    detail = ", ".join(f"{k} {v:,}" for k, v in report.items() if k != "total")
+    raise ParameterBudgetError(
+        f"the model has {report['total']:,} parameters, over the budget of {budget:,} "
+        f"({detail}); shrink it, or pass --allow-over-budget (train.allow_over_budget=true)"
+    )

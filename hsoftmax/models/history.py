@@ -1,0 +1,483 @@
+"""The history module: scores for the locations of the input window, and three ways to combine
+them with an output head (:class:`HeadOnly`, :class:`HistoryMixture`, :class:`HistoryLogitAdd`).
+
+Dimension letters: B batch, L window length (padded), D hidden size, V classes, K candidates.
+
+All three wrappers share one interface, the head's plus the window:
+
+* ``out(hidden, window, target, reduction=, label_smoothing=)``: negative log-likelihood;
+* ``out.log_prob(hidden, window, target)`` (B,), ``out.log_prob_all(hidden, window)`` (B, V);
+* ``out.topk(hidden, window, k)``, ``out.rank(hidden, window, target)``: exact, ties by lower id.
+
+``window`` is a :class:`Window` (the locations of each example's history and their scores),
+made by :class:`HistoryScorer` from the batch. The wrappers only use the head's public methods
+(``forward``, ``log_prob``, ``log_prob_all``, ``topk``, ``rank``): they work with any head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hsoftmax.nn import DenseSoftmax, rank_by_id, topk_by_id
+
+__all__ = [
+    "HISTORY_KINDS",
+    "HeadOnly",
+    "HistoryLogitAdd",
+    "HistoryMixture",
+    "HistoryScorer",
+    "PointerScorer",
+    "Window",
+    "masked_logsumexp",
+]
+
+HISTORY_KINDS = ("none", "mixture", "logit_add")
+_NEG_INF = float("-inf")
+
+
+def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``log sum_{mask} exp(x)`` along ``dim``; ``-inf`` where the mask is empty.
+
+    Safe for autograd: no NaN gradient, also for empty masks or ``-inf`` entries outside the mask
+    (``torch.logsumexp`` over all ``-inf`` gives NaN gradients). Masked-out entries get gradient 0.
+    """
+    peak = torch.where(mask, x, _NEG_INF).amax(dim, keepdim=True).detach()
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    shifted = torch.where(mask, x - peak, torch.zeros_like(x))  # 0 outside: exp stays finite
+    total = torch.where(mask, shifted.exp(), torch.zeros_like(x)).sum(dim, keepdim=True)
+    some = total > 0
+    out = torch.where(
+        some,
+        torch.log(torch.where(some, total, torch.ones_like(total))) + peak,
+        torch.full_like(total, _NEG_INF),
+    )
+    return out.squeeze(dim)
+
+
+@dataclass
+class Window:
+    """The history window of a batch, as the history module sees it.
+
+    Attributes:
+        loc: (B, L) int64 location ids (0 at padding).
+        valid: (B, L) bool, True on real history entries.
+        first: (B, L) bool, True at the first occurrence of each distinct location of a row.
+        score: (B, L) history score of the position's location (equal for repeated locations).
+        log_p: (B, L) ``log p_hist`` of the position's location: a softmax of ``score`` over the
+            row's distinct locations; ``-inf`` at padding.
+    """
+
+    loc: torch.Tensor
+    valid: torch.Tensor
+    first: torch.Tensor
+    score: torch.Tensor
+    log_p: torch.Tensor
+
+    @property
+    def num_distinct(self) -> torch.Tensor:
+        """(B,) number of distinct locations per row."""
+        return self.first.sum(1)
+
+    def log_p_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) ``log p_hist`` of the ids (B, K): ``-inf`` for ids outside the window."""
+        match = (ids[:, :, None] == self.loc[:, None, :]) & self.valid[:, None, :]
+        # every matching position holds the same value: amax picks it and is -inf if none
+        return torch.where(match, self.log_p[:, None, :], _NEG_INF).amax(-1)
+
+    def score_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) history score of the ids (B, K): 0 for ids outside the window."""
+        match = (ids[:, :, None] == self.loc[:, None, :]) & self.valid[:, None, :]
+        found = torch.where(match, self.score[:, None, :], _NEG_INF).amax(-1)
+        return torch.where(match.any(-1), found, torch.zeros_like(found))
+
+    def contains(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, K) bool: is ``ids[b, k]`` in row b's window."""
+        return ((ids[:, :, None] == self.loc[:, None, :]) & self.valid[:, None, :]).any(-1)
+
+
+class HistoryScorer(nn.Module):
+    """Scores the locations of the input window by recency and frequency.
+
+    For location ``l`` seen at window positions ``j`` (``age_j`` = stays between ``j`` and the
+    end of the window, 0 for the last stay)::
+
+        score(l) = w_recency * sum_j exp(-decay * age_j) + w_frequency * log(count(l))
+
+    with ``decay = softplus(decay_raw)`` > 0; ``w_recency``, ``w_frequency`` and ``decay_raw`` are
+    learned scalars (3 parameters). ``p_hist`` is the softmax of ``score`` over the window's
+    distinct locations.
+    """
+
+    def __init__(self, decay: float = 0.3, w_recency: float = 1.0, w_frequency: float = 1.0):
+        super().__init__()
+        self.decay_raw = nn.Parameter(torch.tensor(math.log(math.expm1(decay))))
+        self.w_recency = nn.Parameter(torch.tensor(float(w_recency)))
+        self.w_frequency = nn.Parameter(torch.tensor(float(w_frequency)))
+
+    def forward(self, loc: torch.Tensor, valid: torch.Tensor, hidden=None, states=None) -> Window:
+        """Window scores for ``loc`` (B, L) int64 and ``valid`` (B, L) bool (right-padded);
+        ``hidden`` and ``states`` are accepted for :class:`PointerScorer`'s interface, unused."""
+        if loc.shape != valid.shape or loc.dim() != 2:
+            raise ValueError(
+                f"loc and valid must have one shape (B, L), got {tuple(loc.shape)} and "
+                f"{tuple(valid.shape)}"
+            )
+        dtype = self.w_recency.dtype
+        length = valid.sum(1, keepdim=True)
+        pos = torch.arange(loc.shape[1], device=loc.device)
+        age = (length - 1 - pos[None, :]).clamp(min=0).to(dtype)
+        recency = torch.exp(-F.softplus(self.decay_raw) * age) * valid.to(dtype)
+        same = (loc[:, :, None] == loc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+        same_f = same.to(dtype)
+        rec = (same_f * recency[:, None, :]).sum(-1)
+        count = same_f.sum(-1).clamp(min=1.0)
+        score = self.w_recency * rec + self.w_frequency * torch.log(count)
+        earlier = torch.ones_like(same).tril(-1)  # [j, j'] = j' < j
+        first = valid & ~(same & earlier).any(-1)
+        log_z = masked_logsumexp(score, first, dim=1)[:, None]
+        ok = valid & torch.isfinite(log_z)
+        log_p = torch.where(ok, score - torch.where(ok, log_z, 0.0), _NEG_INF)
+        return Window(loc=loc, valid=valid, first=first, score=score, log_p=log_p)
+
+
+def _window_from_position_logits(loc, valid, logits) -> Window:
+    """A :class:`Window` whose ``p_hist`` is the softmax over positions of ``logits`` (B, L),
+    summed over the positions of each location (``score`` = the log of that unnormalised sum)."""
+    same = (loc[:, :, None] == loc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    earlier = torch.ones_like(same).tril(-1)  # [j, j'] = j' < j
+    first = valid & ~(same & earlier).any(-1)
+    log_z = masked_logsumexp(logits, valid, dim=1)[:, None]
+    per_loc = masked_logsumexp(logits[:, None, :].expand_as(same), same, dim=2)
+    ok = valid & torch.isfinite(log_z)
+    log_p = torch.where(ok, per_loc - torch.where(ok, log_z, 0.0), _NEG_INF)
+    score = torch.where(valid, per_loc, torch.zeros_like(per_loc))
+    return Window(loc=loc, valid=valid, first=first, score=score, log_p=log_p)
+
+
+class PointerScorer(nn.Module):
+    """Pointer attention over the window, conditioned on the model's state (pointer-generator).
+
+    Position j of the window gets the logit ``a_j = <W_q h, W_k s_j> / sqrt(d_key) - decay *
+    age_j`` (``h`` the hidden state that predicts, ``s_j`` the encoder state at position j,
+    ``age_j`` the number of stays after j, ``decay = softplus(decay_raw)`` learned), and
+    ``p_hist(l) = sum_{j: x_j = l} softmax(a)_j``: frequency enters through the sum, recency
+    through the decay and the states. Unlike a fixed recency/frequency score it can learn, e.g.,
+    that the current location is rarely the next one.
+    """
+
+    def __init__(self, d_model: int, d_key: int = 32, decay: float = 0.1):
+        super().__init__()
+        self.d_key = d_key
+        self.query = nn.Linear(d_model, d_key)
+        self.key = nn.Linear(d_model, d_key, bias=False)
+        self.decay_raw = nn.Parameter(torch.tensor(math.log(math.expm1(decay))))
+
+    def forward(self, loc, valid, hidden=None, states=None) -> Window:
+        """Window for ``loc``, ``valid`` (B, L), ``hidden`` (B, D) and ``states`` (B, L, D)."""
+        if hidden is None or states is None:
+            raise ValueError("PointerScorer needs the hidden state and the per-position states")
+        length = valid.sum(1, keepdim=True)
+        pos = torch.arange(loc.shape[1], device=loc.device)
+        age = (length - 1 - pos[None, :]).clamp(min=0).to(hidden.dtype)
+        q = self.query(hidden)[:, :, None]
+        logits = (self.key(states) @ q).squeeze(-1) / math.sqrt(self.d_key)
+        logits = logits - F.softplus(self.decay_raw) * age
+        logits = torch.where(valid, logits, torch.zeros_like(logits))
+        return _window_from_position_logits(loc, valid, logits)
+
+
+def _head_log_prob_many(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, K) ``log p_head(ids[b, k] | hidden[b])``, differentiable.
+
+    A dense head scores all V classes once per row and gathers; other heads (the tree) evaluate
+    each (row, id) pair along its path, which costs O(K * depth * D) per row instead of O(V * D).
+    """
+    if isinstance(head, DenseSoftmax):
+        return head.log_prob_all(hidden).gather(1, ids)
+    batch, k = ids.shape
+    flat = head.log_prob(hidden.repeat_interleave(k, dim=0), ids.reshape(-1))
+    return flat.view(batch, k)
+
+
+def _head_mean_log_prob(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(B,) ``mean_l log p_head(l)`` over all V classes (the label-smoothing term)."""
+    dummy = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    # label_smoothing=1 makes the loss exactly -mean_l log p(l) (the NLL term gets weight 0)
+    return -head(hidden, dummy, reduction="none", label_smoothing=1.0)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+
+
+class HeadOnly(nn.Module):
+    """No history: the head alone, behind the window-taking interface."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(self, hidden, window, target, reduction="mean", label_smoothing=0.0):
+        return self.head(hidden, target, reduction=reduction, label_smoothing=label_smoothing)
+
+    def log_prob(self, hidden, window, target):
+        return self.head.log_prob(hidden, target)
+
+    def log_prob_all(self, hidden, window):
+        return self.head.log_prob_all(hidden)
+
+    def topk(self, hidden, window, k):
+        return self.head.topk(hidden, k)
+
+    def rank(self, hidden, window, target):
+        return self.head.rank(hidden, target)
+
+
+class HistoryMixture(nn.Module):
+    r"""Pointer-generator mixture of the window's history distribution and any head:
+
+    ``p(y) = g * p_hist(y) + (1 - g) * p_head(y)``, ``g = sigmoid(gate(hidden))``,
+
+    with ``p_hist`` a distribution over the window's distinct locations (0 outside the window),
+    by default :class:`PointerScorer`'s attention over the window positions. In log space,
+    ``log p(y) = logaddexp(log g + log p_hist(y), log(1 - g) + log p_head(y))``: training needs
+    only ``log p_head(target)``, one path of the tree. ``p`` sums to 1 over the V classes because
+    both components do.
+
+    **Exact top-k.** Let W be a row's window (m distinct locations). A class outside W has
+    ``p(l) = (1 - g) p_head(l)``, so among classes outside W the mixture orders like the head.
+    The mixture's top-k holds at most k classes outside W, and they are the head's best k classes
+    outside W; at most m of the head's top-(k + m) lie in W, so those k are inside the head's
+    top-(k + m). Hence ``topk_mix ⊆ W ∪ topk_head(k + m)``: score that candidate set exactly and
+    take its best k (ties by lower id).
+
+    **Exact rank.** ``rank(y) = 1 + #{l in W beating y} + #{l outside W beating y}`` where l beats
+    y if ``p(l) > p(y)`` or they are equal and ``l < y``. If y is outside W, the second count is
+    the head's own: ``head.rank(y) - 1 - #{l in W beating y under the head}``. If y is in W,
+    it is the number of classes outside W with ``log(1-g) + log p_head(l) > log p(y)``: a threshold
+    count of the head (TODO: a pruned ``head.count_above(hidden, threshold)``; for now it scores
+    all V classes with ``head.log_prob_all`` for those rows only).
+
+    Rounding: values are floats, so "equal" means equal as computed; classes outside W are
+    compared through the head's log-probs, so a tie created only by rounding
+    ``log(1-g) + log p_head`` keeps the head's order.
+    """
+
+    def __init__(self, head: nn.Module, in_features: int, scorer: nn.Module | None = None):
+        super().__init__()
+        self.head = head
+        self.scorer = scorer if scorer is not None else PointerScorer(in_features)
+        self.gate = nn.Linear(in_features, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)  # g = 0.5 at the start
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def log_gates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, 1) log g, (B, 1) log(1 - g))."""
+        a = self.gate(hidden)
+        return F.logsigmoid(a), F.logsigmoid(-a)
+
+    def _mix(self, log_g, log_1mg, log_hist, log_head):
+        return torch.logaddexp(log_g + log_hist, log_1mg + log_head)
+
+    def forward(self, hidden, window: Window, target, reduction="mean", label_smoothing=0.0):
+        """Negative log-likelihood of ``target`` under the mixture; ``label_smoothing`` eps gives
+        ``(1 - eps) * nll + eps * mean_l(-log p(l))``, exact over all V classes."""
+        _check_smoothing(label_smoothing)
+        log_g, log_1mg = self.log_gates(hidden)
+        if label_smoothing == 0:
+            log_head = _head_log_prob_many(self.head, hidden, target[:, None])
+            log_hist = window.log_p_of(target[:, None])
+            nll = -self._mix(log_g, log_1mg, log_hist, log_head)[:, 0]
+            return _reduce(nll, reduction)
+        # one call scores the target (column 0) and every window position
+        ids = torch.cat([target[:, None], window.loc], dim=1)
+        log_head = _head_log_prob_many(self.head, hidden, ids)
+        log_hist = torch.cat([window.log_p_of(target[:, None]), window.log_p], dim=1)
+        mix = self._mix(log_g, log_1mg, log_hist, log_head)
+        nll = -mix[:, 0]
+        # sum_l log p(l) = V log(1-g) + sum_l log p_head(l)
+        #                  + sum_{l in W} [log p(l) - log(1-g) - log p_head(l)]
+        v = self.num_classes
+        base = log_1mg[:, 0] + _head_mean_log_prob(self.head, hidden)
+        lift = mix[:, 1:] - log_1mg - log_head[:, 1:]
+        lift = torch.where(window.first, lift, torch.zeros_like(lift)).sum(1)
+        smooth = -(base + lift / v)
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        return _reduce(loss, reduction)
+
+    def log_prob(self, hidden, window: Window, target) -> torch.Tensor:
+        """(B,) ``log p(target)`` under the mixture, differentiable."""
+        log_g, log_1mg = self.log_gates(hidden)
+        log_head = _head_log_prob_many(self.head, hidden, target[:, None])
+        return self._mix(log_g, log_1mg, window.log_p_of(target[:, None]), log_head)[:, 0]
+
+    def log_prob_all(self, hidden, window: Window) -> torch.Tensor:
+        """(B, V) mixture log-probabilities of every class (O(V * D) per row)."""
+        log_g, log_1mg = self.log_gates(hidden)
+        log_head = self.head.log_prob_all(hidden)
+        out = log_1mg + log_head
+        # every position writes the value of its location (padding too: looked up by id), so
+        # repeated indices carry identical values and the scatter is deterministic
+        log_hist = window.log_p_of(window.loc)
+        at_window = self._mix(log_g, log_1mg, log_hist, log_head.gather(1, window.loc))
+        return out.scatter(1, window.loc, at_window)
+
+    @torch.no_grad()
+    def topk(self, hidden, window: Window, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k of the mixture: (values (B, k'), indices (B, k')), k' = min(k, V),
+        by log-prob descending then id ascending (see the class docstring for the proof)."""
+        _check_k(k)
+        v = self.num_classes
+        k = min(k, v)
+        m = int(window.num_distinct.max()) if window.loc.numel() else 0
+        _, head_ids = self.head.topk(hidden, min(k + m, v))
+        ids = torch.cat([window.loc, head_ids], dim=1)
+        values = self._candidate_values(hidden, window, ids)
+        ids, order = ids.sort(1)  # by id, so a stable sort by value breaks ties by lower id
+        values = values.gather(1, order)
+        dup = torch.zeros_like(ids, dtype=torch.bool)
+        dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+        values = values.masked_fill(dup, _NEG_INF)
+        top = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        return values.gather(1, top), ids.gather(1, top)
+
+    def _candidate_values(self, hidden, window: Window, ids: torch.Tensor) -> torch.Tensor:
+        log_g, log_1mg = self.log_gates(hidden)
+        log_head = _head_log_prob_many(self.head, hidden, ids)
+        return self._mix(log_g, log_1mg, window.log_p_of(ids), log_head)
+
+    @torch.no_grad()
+    def rank(self, hidden, window: Window, target) -> torch.Tensor:
+        """(B,) int64 exact 1-based rank of ``target`` under the mixture (ties by lower id)."""
+        log_g, log_1mg = self.log_gates(hidden)
+        ids = torch.cat([target[:, None], window.loc], dim=1)
+        log_head = _head_log_prob_many(self.head, hidden, ids)
+        log_hist = torch.cat([window.log_p_of(target[:, None]), window.log_p], dim=1)
+        mix = self._mix(log_g, log_1mg, log_hist, log_head)
+        y_mix, w_mix = mix[:, :1], mix[:, 1:]
+        y = target[:, None]
+        lower = window.loc < y
+        beats_in_w = window.first & ((w_mix > y_mix) | ((w_mix == y_mix) & lower))
+        rank = 1 + beats_in_w.sum(1)
+        in_w = torch.isfinite(log_hist[:, 0])
+        out_w = ~in_w
+        if bool(out_w.any()):
+            rows = out_w.nonzero()[:, 0]
+            head_rank = self.head.rank(hidden[rows], target[rows])
+            y_head, w_head = log_head[rows, :1], log_head[rows, 1:]
+            beats = window.first[rows] & ((w_head > y_head) | ((w_head == y_head) & lower[rows]))
+            outside = (head_rank - 1 - beats.sum(1)).clamp(min=0)
+            rank[rows] += outside
+        if bool(in_w.any()):
+            rows = in_w.nonzero()[:, 0]
+            rank[rows] += self._count_outside_above(
+                hidden[rows], window_rows(window, rows), (y_mix - log_1mg)[rows], target[rows]
+            )
+        return rank
+
+    def _count_outside_above(self, hidden, window: Window, threshold, target) -> torch.Tensor:
+        """(B,) ``#{l outside W: log p_head(l) > threshold, or == and l < target}``.
+
+        TODO(head): use a pruned ``head.count_above(hidden, threshold)`` tree search when the
+        head has one; this fallback scores all V classes (chunked to bound memory).
+        """
+        out = []
+        for s in range(0, hidden.shape[0], 256):
+            lp = self.head.log_prob_all(hidden[s : s + 256])
+            thr, y = threshold[s : s + 256], target[s : s + 256, None]
+            ids = torch.arange(lp.shape[1], device=lp.device)[None, :]
+            above = (lp > thr) | ((lp == thr) & (ids < y))
+            loc, valid = window.loc[s : s + 256], window.valid[s : s + 256]
+            hits = torch.zeros_like(lp, dtype=torch.long).scatter_add_(1, loc, valid.long())
+            out.append((above & (hits == 0)).sum(1))
+        return torch.cat(out)
+
+
+def window_rows(window: Window, rows: torch.Tensor) -> Window:
+    """The sub-window of the given rows."""
+    return Window(*(getattr(window, f)[rows] for f in ("loc", "valid", "first", "score", "log_p")))
+
+
+class HistoryLogitAdd(nn.Module):
+    """The seed model's combination for a dense head: history scores added to the logits,
+    ``log p = log_softmax(W h + b + s)`` with ``s_l = score(l)`` for l in the window, 0 elsewhere.
+
+    Needs all V logits per row, so only a :class:`~hsoftmax.nn.DenseSoftmax` head is allowed.
+    Because log-softmax is shift-invariant, ``head.log_prob_all(h) + s`` gives the same result as
+    adding to the raw logits.
+    """
+
+    def __init__(self, head: nn.Module, scorer: HistoryScorer | None = None):
+        super().__init__()
+        if not isinstance(head, DenseSoftmax):
+            raise ValueError(
+                "history 'logit_add' needs the dense head (it adds scores to all V logits); use "
+                f"history 'mixture' with {type(head).__name__}"
+            )
+        self.head = head
+        self.scorer = scorer if scorer is not None else HistoryScorer()
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def logits(self, hidden, window: Window) -> torch.Tensor:
+        """(B, V) head log-probs plus history scores (unnormalised)."""
+        base = self.head.log_prob_all(hidden)
+        # every position writes the score of its location (looked up by id, 0 if absent), so
+        # repeated indices carry identical values and the scatter is deterministic
+        bonus = torch.zeros_like(base).scatter(1, window.loc, window.score_of(window.loc))
+        return base + bonus
+
+    def forward(self, hidden, window, target, reduction="mean", label_smoothing=0.0):
+        _check_smoothing(label_smoothing)
+        return F.cross_entropy(
+            self.logits(hidden, window),
+            target,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+        )
+
+    def log_prob(self, hidden, window, target):
+        return self.log_prob_all(hidden, window).gather(1, target[:, None])[:, 0]
+
+    def log_prob_all(self, hidden, window):
+        return self.logits(hidden, window).log_softmax(1)
+
+    @torch.no_grad()
+    def topk(self, hidden, window, k):
+        _check_k(k)
+        return topk_by_id(self.log_prob_all(hidden, window), min(k, self.num_classes))
+
+    @torch.no_grad()
+    def rank(self, hidden, window, target):
+        return rank_by_id(self.log_prob_all(hidden, window), target)

@@ -1,0 +1,211 @@
+"""``HistoryCentricModel``: a transformer over the history window with a switchable output head.
+
+Dimension letters: B batch, L window length (padded), D ``d_model``, V locations.
+
+The model = :class:`HistoryEncoder` (batch -> (B, D) hidden state of the last history stay) + an
+output wrapper from :mod:`hsoftmax.models.history` that owns the head
+(:class:`~hsoftmax.nn.HierarchicalSoftmax` or :class:`~hsoftmax.nn.DenseSoftmax`) and, optionally,
+the history module. The model never touches ``torch.ops``; it only calls the head's methods.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hsoftmax.data.dataset import N_DURATIONS, N_TIME_SLOTS, N_WEEKDAYS
+
+from .history import (
+    HISTORY_KINDS,
+    HeadOnly,
+    HistoryLogitAdd,
+    HistoryMixture,
+    HistoryScorer,
+    PointerScorer,
+    Window,
+)
+
+__all__ = ["HistoryCentricModel", "HistoryEncoder"]
+
+_MAX_DIFF = 64  # diff (days before the target day) is clamped to this many embedding rows
+
+
+class HistoryEncoder(nn.Module):
+    """Embeddings + causal transformer encoder; returns the state at each row's last stay.
+
+    Input per stay: ``concat(loc_emb, user_emb, time_emb, weekday_emb, duration_emb, diff_emb)``
+    -> ``Linear`` to ``d_model`` + sinusoidal position encoding -> ``num_layers`` pre-norm
+    transformer layers with a causal mask and a key-padding mask -> ``LayerNorm``. Histories are
+    right-padded, so the last real position of row b is ``lengths[b] - 1``; with the causal mask
+    no real position attends to padding, and the key-padding mask makes that explicit.
+    """
+
+    def __init__(
+        self,
+        n_locations: int,
+        n_users: int,
+        loc_emb_dim: int = 48,
+        user_emb_dim: int = 16,
+        time_emb_dim: int = 16,
+        weekday_emb_dim: int = 8,
+        duration_emb_dim: int = 16,
+        diff_emb_dim: int = 8,
+        d_model: int = 112,
+        num_layers: int = 4,
+        nhead: int = 8,
+        dim_feedforward: int = 224,
+        dropout: float = 0.2,
+        max_len: int = 512,
+    ):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        self.d_model = d_model
+        self.loc_emb = nn.Embedding(n_locations, loc_emb_dim, padding_idx=0)
+        self.user_emb = nn.Embedding(n_users, user_emb_dim)
+        self.time_emb = nn.Embedding(N_TIME_SLOTS, time_emb_dim)
+        self.weekday_emb = nn.Embedding(N_WEEKDAYS, weekday_emb_dim)
+        self.duration_emb = nn.Embedding(N_DURATIONS, duration_emb_dim)
+        self.diff_emb = nn.Embedding(_MAX_DIFF, diff_emb_dim)
+        width = loc_emb_dim + user_emb_dim + time_emb_dim + weekday_emb_dim
+        width += duration_emb_dim + diff_emb_dim
+        self.input_proj = nn.Linear(width, d_model)
+        self.register_buffer("position", _sinusoid(max_len, d_model), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(
+            layer, num_layers, enable_nested_tensor=False, norm=nn.LayerNorm(d_model)
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], all_positions: bool = False) -> torch.Tensor:
+        """(B, D) hidden state at the last real stay of each row of a ``collate`` batch
+        ((B, L, D) at every position with ``all_positions``)."""
+        x, mask = batch["x"], batch["mask"]
+        batch_size, length = x.shape
+        if length > self.position.shape[0]:
+            raise ValueError(
+                f"history length {length} exceeds max_len={self.position.shape[0]}; set "
+                "data.max_len or model.max_len"
+            )
+        user = batch["user"][:, None].expand(batch_size, length)
+        parts = [
+            self.loc_emb(x),
+            self.user_emb(user),
+            self.time_emb(batch["time"]),
+            self.weekday_emb(batch["weekday"]),
+            self.duration_emb(batch["duration"]),
+            self.diff_emb(batch["diff"].clamp(0, _MAX_DIFF - 1)),
+        ]
+        h = self.input_proj(torch.cat(parts, dim=-1)) + self.position[:length]
+        h = self.dropout(h)
+        causal = torch.triu(
+            torch.full((length, length), float("-inf"), device=x.device, dtype=h.dtype), 1
+        )
+        pad = torch.zeros(mask.shape, device=x.device, dtype=h.dtype).masked_fill(~mask, -math.inf)
+        h = self.layers(h, mask=causal, src_key_padding_mask=pad)
+        if all_positions:
+            return h
+        last = (mask.sum(1) - 1).clamp(min=0)
+        return h[torch.arange(batch_size, device=x.device), last]
+
+
+def _sinusoid(max_len: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(max_len, dim)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return pe
+
+
+class HistoryCentricModel(nn.Module):
+    """Next-location model: :class:`HistoryEncoder` + output head (+ history module).
+
+    Args:
+        encoder: a :class:`HistoryEncoder`.
+        head: an output head with the :mod:`hsoftmax.nn` interface and ``in_features =
+            encoder.d_model``.
+        history: ``"none"`` (head only), ``"mixture"`` (:class:`HistoryMixture` with a
+            :class:`PointerScorer`, any head) or ``"logit_add"`` (:class:`HistoryLogitAdd` with
+            the recency/frequency :class:`HistoryScorer`, dense head only: the seed's way).
+
+    Every method takes a ``collate`` batch dict (``x, time, weekday, duration, diff, mask, user``;
+    ``y`` where a target is needed):
+
+    * ``model(batch, label_smoothing=0.0)`` -> scalar mean training loss (what DDP wraps);
+    * ``model.log_prob(batch)`` (B,), ``model.log_prob_all(batch)`` (B, V);
+    * ``model.topk(batch, k)``, ``model.rank(batch)``: exact, ties by lower id.
+    """
+
+    def __init__(self, encoder: HistoryEncoder, head: nn.Module, history: str = "mixture"):
+        super().__init__()
+        if history not in HISTORY_KINDS:
+            raise ValueError(f"history must be one of {HISTORY_KINDS}, got {history!r}")
+        if head.in_features != encoder.d_model:
+            raise ValueError(
+                f"head.in_features ({head.in_features}) must equal encoder.d_model "
+                f"({encoder.d_model})"
+            )
+        self.history_kind = history
+        self.encoder = encoder
+        if history == "none":
+            self.output = HeadOnly(head)
+        elif history == "mixture":
+            self.output = HistoryMixture(head, encoder.d_model, PointerScorer(encoder.d_model))
+        else:
+            self.output = HistoryLogitAdd(head, HistoryScorer())
+
+    @property
+    def head(self) -> nn.Module:
+        return self.output.head
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.num_classes
+
+    def hidden_and_window(self, batch) -> tuple[torch.Tensor, Window | None]:
+        """(B, D) hidden state and the history :class:`Window` (None without history)."""
+        if self.history_kind == "none":
+            return self.encoder(batch), None
+        states = self.encoder(batch, all_positions=True)
+        last = (batch["mask"].sum(1) - 1).clamp(min=0)
+        hidden = states[torch.arange(states.shape[0], device=states.device), last]
+        window = self.output.scorer(batch["x"], batch["mask"], hidden, states)
+        return hidden, window
+
+    def forward(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0):
+        """Scalar mean loss (negative log-likelihood, label-smoothed) of ``batch["y"]``."""
+        hidden, window = self.hidden_and_window(batch)
+        return self.output(hidden, window, batch["y"], label_smoothing=label_smoothing)
+
+    def log_prob(self, batch) -> torch.Tensor:
+        hidden, window = self.hidden_and_window(batch)
+        return self.output.log_prob(hidden, window, batch["y"])
+
+    def log_prob_all(self, batch) -> torch.Tensor:
+        hidden, window = self.hidden_and_window(batch)
+        return self.output.log_prob_all(hidden, window)
+
+    @torch.no_grad()
+    def topk(self, batch, k: int):
+        hidden, window = self.hidden_and_window(batch)
+        return self.output.topk(hidden, window, k)
+
+    @torch.no_grad()
+    def rank(self, batch) -> torch.Tensor:
+        hidden, window = self.hidden_and_window(batch)
+        return self.output.rank(hidden, window, batch["y"])
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch, k: int = 10, label_smoothing: float = 0.0):
+        """One encoder pass: ``(loss_sum, nll_sum, topk indices (B, k'), ranks (B,))``."""
+        hidden, window = self.hidden_and_window(batch)
+        y = batch["y"]
+        loss = self.output(hidden, window, y, reduction="sum", label_smoothing=label_smoothing)
+        nll = -self.output.log_prob(hidden, window, y).sum()
+        _, top = self.output.topk(hidden, window, k)
+        return loss, nll, top, self.output.rank(hidden, window, y)

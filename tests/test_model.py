@@ -1,0 +1,271 @@
+"""HistoryCentricModel and the history module: shapes, masks, normalisation, exact top-k/rank
+against brute force over all classes, NaN-free gradients, the parameter budget."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hsoftmax.models import (
+    HistoryMixture,
+    HistoryScorer,
+    ParameterBudgetError,
+    PointerScorer,
+    build_model,
+    check_budget,
+    masked_logsumexp,
+    parameter_report,
+)
+from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax, rank_by_id, topk_by_id
+
+from conftest import random_tree
+
+V, USERS = 37, 5
+TINY = {
+    "loc_emb_dim": 8,
+    "user_emb_dim": 4,
+    "time_emb_dim": 4,
+    "weekday_emb_dim": 2,
+    "duration_emb_dim": 4,
+    "diff_emb_dim": 2,
+    "d_model": 16,
+    "num_layers": 2,
+    "nhead": 2,
+    "dim_feedforward": 32,
+    "dropout": 0.0,
+}
+# (head, tree, history) combinations a config can name
+VARIANTS = [
+    ("hsoftmax", "kmeans", "mixture"),
+    ("hsoftmax", "huffman", "none"),
+    ("hsoftmax", "balanced", "mixture"),
+    ("dense", "kmeans", "mixture"),
+    ("dense", "kmeans", "logit_add"),
+    ("dense", "kmeans", "none"),
+]
+
+
+def fake_data(v: int = V, users: int = USERS, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    locs = pd.DataFrame(
+        {
+            "loc": np.arange(2, v),
+            "id": np.arange(v - 2),
+            "lat": -7.8 + 0.1 * rng.random(v - 2),
+            "lon": 110.4 + 0.1 * rng.random(v - 2),
+        }
+    )
+    train = SimpleNamespace(y=rng.integers(1, v, 500))
+    return SimpleNamespace(n_locations=v, n_users=users, locations=locs, train=train)
+
+
+def fake_batch(b: int = 9, length: int = 7, v: int = V, seed: int = 0) -> dict:
+    """Right-padded batch with repeated window locations; half the targets lie in the window."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    lengths[0] = length
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    x = torch.randint(2, min(v, 12), (b, length), generator=g)  # few ids: repeats
+    batch = {
+        "x": x,
+        "time": torch.randint(0, 96, (b, length), generator=g),
+        "weekday": torch.randint(0, 7, (b, length), generator=g),
+        "duration": torch.randint(0, 96, (b, length), generator=g),
+        "diff": torch.randint(0, 8, (b, length), generator=g),
+    }
+    for k in batch:
+        batch[k] = batch[k].masked_fill(~mask, 0)
+    y = torch.randint(1, v, (b,), generator=g)
+    y[::2] = x[::2, 0]  # in the window
+    batch.update(mask=mask, lengths=lengths, user=torch.randint(1, USERS, (b,), generator=g), y=y)
+    return batch
+
+
+def make(head="hsoftmax", tree="kmeans", history="mixture", dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    cfg = {**TINY, "head": head, "tree": tree, "history": history, "tree_branching": 4, **kw}
+    return build_model(cfg, fake_data()).to(dtype).eval()
+
+
+@pytest.mark.parametrize(("head", "tree", "history"), VARIANTS)
+def test_shapes(head, tree, history):
+    model = make(head, tree, history)
+    batch = fake_batch()
+    b = batch["y"].shape[0]
+    assert model.encoder(batch).shape == (b, TINY["d_model"])
+    assert model.log_prob(batch).shape == (b,)
+    assert model.log_prob_all(batch).shape == (b, V)
+    values, idx = model.topk(batch, 10)
+    assert values.shape == idx.shape == (b, 10)
+    assert model.rank(batch).shape == (b,)
+    loss = model(batch, label_smoothing=0.05)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_padding_does_not_change_outputs():
+    model = make()
+    batch = fake_batch()
+    ref = model.log_prob(batch)
+    # two more padded columns, with garbage at every padded position
+    wide = {}
+    for k in ("x", "time", "weekday", "duration", "diff"):
+        wide[k] = torch.cat([batch[k], torch.zeros(batch[k].shape[0], 2, dtype=torch.long)], 1)
+    mask = torch.cat([batch["mask"], torch.zeros(batch["mask"].shape[0], 2, dtype=torch.bool)], 1)
+    garbage = {"x": 5, "time": 17, "weekday": 3, "duration": 9, "diff": 2}
+    for k, val in garbage.items():
+        wide[k] = wide[k].masked_fill(~mask, val)
+    wide.update(mask=mask, lengths=batch["lengths"], user=batch["user"], y=batch["y"])
+    torch.testing.assert_close(model.log_prob(wide), ref)
+    torch.testing.assert_close(model.rank(wide), model.rank(batch))
+
+
+def test_causal_mask():
+    model = make()
+    batch = fake_batch(b=2, length=6)
+    batch["mask"][:] = True
+    batch["lengths"][:] = 6
+    out = model.encoder(batch, all_positions=True)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["x"][:, 3] = 30
+    changed["time"][:, 3] = 90
+    out2 = model.encoder(changed, all_positions=True)
+    torch.testing.assert_close(out2[:, :3], out[:, :3])  # earlier positions do not see it
+    assert (out2[:, 3:] - out[:, 3:]).abs().amax() > 1e-6
+
+
+@pytest.mark.parametrize(("head", "tree", "history"), VARIANTS)
+def test_distribution_sums_to_one_and_matches_log_prob(head, tree, history):
+    model = make(head, tree, history)
+    batch = fake_batch()
+    all_lp = model.log_prob_all(batch)
+    torch.testing.assert_close(all_lp.exp().sum(1), torch.ones(all_lp.shape[0], dtype=all_lp.dtype))
+    torch.testing.assert_close(model.log_prob(batch), all_lp.gather(1, batch["y"][:, None])[:, 0])
+
+
+@pytest.mark.parametrize(("head", "tree", "history"), VARIANTS)
+def test_label_smoothing_is_exact(head, tree, history):
+    model = make(head, tree, history)
+    batch = fake_batch()
+    eps = 0.1
+    all_lp = model.log_prob_all(batch)
+    nll = -all_lp.gather(1, batch["y"][:, None])[:, 0]
+    ref = ((1 - eps) * nll - eps * all_lp.mean(1)).mean()
+    torch.testing.assert_close(model(batch, label_smoothing=eps), ref)
+
+
+def _brute(model, batch, k):
+    all_lp = model.log_prob_all(batch)
+    return topk_by_id(all_lp, min(k, all_lp.shape[1])), rank_by_id(all_lp, batch["y"])
+
+
+@pytest.mark.parametrize(("head", "tree", "history"), VARIANTS)
+@pytest.mark.parametrize("k", [1, 5, 10, V + 3])
+def test_exact_topk_and_rank_against_brute_force(head, tree, history, k):
+    model = make(head, tree, history)
+    for seed in range(3):
+        batch = fake_batch(b=16, seed=seed)
+        (ref_v, ref_i), ref_rank = _brute(model, batch, k)
+        values, idx = model.topk(batch, k)
+        assert torch.equal(idx, ref_i), (idx, ref_i)
+        torch.testing.assert_close(values, ref_v)
+        assert torch.equal(model.rank(batch), ref_rank)
+        # the ranks are consistent with the top-k lists
+        full_idx = model.topk(batch, V)[1]
+        pos = (full_idx == batch["y"][:, None]).int().argmax(1) + 1
+        assert torch.equal(pos, ref_rank)
+
+
+def test_mixture_with_any_head_on_random_trees():
+    """The mixture wrapper alone, over unbalanced random trees and a dense head."""
+    g = torch.Generator().manual_seed(1)
+    for head in [HierarchicalSoftmax(6, random_tree(23, s), dtype=torch.float64) for s in (0, 1)]:
+        for scorer in (HistoryScorer(), PointerScorer(6, d_key=4)):
+            _check_mixture(HistoryMixture(head, 6, scorer).double(), 23, g)
+    _check_mixture(HistoryMixture(DenseSoftmax(6, 23).double(), 6).double(), 23, g)
+
+
+def _check_mixture(mix, v, g):
+    """Windows with gaps and with class 0 as a real location: the contract is only ``valid``."""
+    with torch.no_grad():
+        mix.gate.bias.fill_(0.4)
+        mix.gate.weight.normal_(generator=g)
+    hidden = torch.randn(12, 6, dtype=torch.float64, generator=g)
+    loc = torch.randint(0, v, (12, 5), generator=g)
+    valid = torch.rand(12, 5, generator=g) < 0.8
+    valid[:, 0] = True
+    loc = loc.masked_fill(~valid, 0)
+    states = torch.randn(12, 5, 6, dtype=torch.float64, generator=g)
+    window = mix.scorer(loc, valid, hidden, states)
+    y = torch.randint(0, v, (12,), generator=g)
+    y[:6] = loc[:6, 0]
+    all_lp = mix.log_prob_all(hidden, window)
+    torch.testing.assert_close(all_lp.exp().sum(1), torch.ones(12, dtype=torch.float64))
+    for k in (1, 4, v):
+        ref_v, ref_i = topk_by_id(all_lp, k)
+        values, idx = mix.topk(hidden, window, k)
+        assert torch.equal(idx, ref_i)
+        torch.testing.assert_close(values, ref_v)
+    assert torch.equal(mix.rank(hidden, window, y), rank_by_id(all_lp, y))
+
+
+@pytest.mark.parametrize("history", ["mixture", "logit_add"])
+def test_gradients_are_finite(history):
+    head = "dense" if history == "logit_add" else "hsoftmax"
+    model = make(head, "kmeans", history, dtype=torch.float32).train()
+    batch = fake_batch()
+    batch["y"][1::2] = V - 1  # outside every window (ids < 12 there)
+    for eps in (0.0, 0.05):
+        model.zero_grad()
+        model(batch, label_smoothing=eps).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+    assert model.output.scorer.decay_raw.grad is not None
+
+
+def test_masked_logsumexp_empty_mask_has_no_nan_gradient():
+    x = torch.tensor([[1.0, float("-inf"), 2.0], [0.5, 0.25, 3.0]], requires_grad=True)
+    mask = torch.tensor([[False, False, False], [True, False, True]])
+    out = masked_logsumexp(x, mask, dim=1)
+    assert out[0] == float("-inf")
+    torch.testing.assert_close(out[1], torch.logsumexp(torch.tensor([0.5, 3.0]), 0))
+    out[1].backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0].abs().sum() == 0
+
+
+def test_logit_add_needs_dense_head():
+    with pytest.raises(ValueError, match="logit_add"):
+        make("hsoftmax", "kmeans", "logit_add")
+
+
+def test_unknown_model_key():
+    with pytest.raises(KeyError, match="d_modle"):
+        build_model({"d_modle": 3}, fake_data())
+
+
+def test_parameter_report_and_budget():
+    model = make("hsoftmax", "kmeans", "mixture", dtype=torch.float32)
+    report = parameter_report(model)
+    assert report["total"] == sum(p.numel() for p in model.parameters())
+    assert report["head"] == (V - 1) * (TINY["d_model"] + 1)  # V - 1 rows + biases
+    d, key = TINY["d_model"], 32
+    assert report["history"] == (d * key + key) + d * key + 1 + (d + 1)  # pointer + gate
+    check_budget(report, report["total"])  # at the budget: fine
+    with pytest.raises(ParameterBudgetError, match="over the budget"):
+        check_budget(report, report["total"] - 1)
+    check_budget(report, report["total"] - 1, allow_over=True)
+
+
+def test_seed_configuration_fits_the_budget_on_diy_size():
+    """The seed's configuration at the diy vocabulary (15,602 classes, 778 users): under 3M."""
+    data = fake_data(v=15_602, users=778)
+    for head in ("hsoftmax", "dense"):
+        torch.manual_seed(0)
+        model = build_model({"head": head, "tree": "balanced", "history": "mixture"}, data)
+        report = parameter_report(model)
+        assert report["total"] <= 3_000_000, report
+        dense_extra = 112 + 1 if head == "dense" else 0  # the dense head has one more row
+        assert report["head"] == 15_601 * 113 + dense_extra

@@ -1,0 +1,200 @@
+"""The trainer end to end on the `small` preset: learning, exact resume, DDP, configs, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import hsoftmax
+from hsoftmax.data import MobilityDataset, load_preset, run_baselines
+from hsoftmax.models import ParameterBudgetError, build_model
+from hsoftmax.training import (
+    PACKAGED_CONFIGS,
+    ConfigError,
+    evaluate_model,
+    evaluate_run,
+    load_config,
+    packaged_config_path,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = {"echo": lambda *a, **k: None}
+
+TINY_MODEL = [
+    "model.loc_emb_dim=32",
+    "model.user_emb_dim=16",
+    "model.time_emb_dim=4",
+    "model.weekday_emb_dim=2",
+    "model.duration_emb_dim=4",
+    "model.diff_emb_dim=2",
+    "model.d_model=32",
+    "model.num_layers=1",
+    "model.nhead=2",
+    "model.dim_feedforward=64",
+    "model.tree_branching=16",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    load_preset("small", seed=0, cache_dir=d, progress=False)  # generate once for all tests
+    return d
+
+
+def small_config(cache_dir, tmp_path, *extra):
+    return load_config(
+        None,
+        [
+            "name=test",
+            "data.preset=small",
+            f"data.cache_dir={cache_dir}",
+            f"output.dir={tmp_path}",
+            "train.progress=false",
+            "train.num_threads=1",
+            *TINY_MODEL,
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_one_epoch_learns_and_beats_most_frequent(cache_dir, tmp_path):
+    cfg = small_config(
+        cache_dir, tmp_path, "train.epochs=1", "train.batch_size=32", "train.lr=0.005",
+        "train.label_smoothing=0.0", "model.dropout=0.1",
+    )  # fmt: skip
+    data = load_preset("small", seed=0, cache_dir=cache_dir, progress=False)
+    torch.manual_seed(cfg["train"]["seed"])
+    untrained = build_model(cfg["model"], data)
+    before = evaluate_model(untrained, MobilityDataset(data.validation), 512, "cpu")
+    result = train(cfg, data=data, **QUIET)
+    after = result.history[-1]["val_nll"]
+    assert after < before["nll"] - 0.2, (before["nll"], after)
+    baseline = run_baselines(data.train, data.test, data.n_locations, ("most_frequent",))
+    assert result.test["acc@1"] > baseline["most_frequent"]["acc@1"], (result.test, baseline)
+    run = result.run_dir
+    expected = "config.yaml metrics.csv metrics.json test_metrics.json test_table.md per_user.csv"
+    for name in expected.split() + ["curves.png", "ckpt.pt", "params.json"]:
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.tmp"))
+    # `hsoftmax evaluate` reproduces the final test table from the checkpoint
+    again = evaluate_run(run, **QUIET)
+    for key in ("acc@1", "acc@5", "mrr", "ndcg@10", "f1"):
+        assert again[key] == pytest.approx(result.test[key]), key
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_is_exact(cache_dir, tmp_path):
+    extra = ("train.max_steps_per_epoch=4", "train.batch_size=32", "model.dropout=0.3",
+             "train.label_smoothing=0.05", "train.val_metrics=false")  # fmt: skip
+    straight = train(small_config(cache_dir, tmp_path / "a", "train.epochs=2", *extra), **QUIET)
+    first = train(small_config(cache_dir, tmp_path / "b", "train.epochs=1", *extra), **QUIET)
+    resumed = train(resume=first.run_dir, overrides=["train.epochs=2"], **QUIET)
+    assert resumed.run_dir == first.run_dir
+    assert len(resumed.history) == 2
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        for key in ("train_loss", "val_loss", "val_nll", "lr"):
+            assert a[key] == b[key], (key, a[key], b[key])
+    assert straight.test == resumed.test
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(cache_dir, tmp_path):
+    extra = ["train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=64",
+             "model.dropout=0.0", "train.val_metrics=false"]  # fmt: skip
+    cfg = small_config(cache_dir, tmp_path / "single", *extra)
+    single = train(cfg, **QUIET)
+    run_dir = tmp_path / "ddp"
+    config = tmp_path / "config.yaml"  # the same resolved config for the torchrun job
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the child imports the same hsoftmax as this test (installed package or source tree)
+    root = str(Path(hsoftmax.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "hsoftmax.cli", "train"]  # fmt: skip
+    cmd += ["--config", str(config), "--set", f"output.run_dir={run_dir}"]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a hang can be killed whole
+    )
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: their own session
+        out, _ = proc.communicate()
+        pytest.fail("torchrun timed out:\n" + out[-3000:])
+    assert proc.returncode == 0, out[-3000:]
+    ddp = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("train_loss", "val_nll"):
+        assert ddp[0][key] == pytest.approx(single.history[0][key], rel=1e-4, abs=1e-5), key
+
+
+def test_budget_refusal(cache_dir, tmp_path):
+    cfg = small_config(cache_dir, tmp_path, "train.param_budget=1000")
+    with pytest.raises(ParameterBudgetError, match="over the budget of 1,000"):
+        train(cfg, **QUIET)
+    assert not list(tmp_path.iterdir())  # refused before any run directory was made
+
+
+def test_config_overrides_and_unknown_keys():
+    cfg = load_config("diy", ["model.d_model=64", "train.lr=3e-4", "model.tree_branching=[8, 4]"])
+    assert cfg["model"]["d_model"] == 64
+    assert cfg["train"]["lr"] == pytest.approx(3e-4)
+    assert cfg["model"]["tree_branching"] == [8, 4]
+    with pytest.raises(ConfigError, match="model.d_modle"):
+        load_config("diy", ["model.d_modle=64"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="logit_add"):
+        load_config(None, ["model.history=logit_add"])
+
+
+@pytest.mark.parametrize("name", PACKAGED_CONFIGS)
+def test_packaged_configs_match_top_level_copies(name):
+    packaged = packaged_config_path(name)
+    top = REPO / "configs" / f"{name}.yaml"
+    if not top.is_file():
+        pytest.skip("not running from a source checkout")
+    assert packaged.read_text() == top.read_text(), f"configs/{name}.yaml differs from {packaged}"
+    load_config(name)  # and it is valid
+
+
+def test_cli_reports_bad_key(capsys):
+    from hsoftmax.cli import main
+
+    assert main(["train", "--set", "model.bogus=1"]) == 1
+    assert "model.bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["mhsa", "staypoints"])
+def test_train_from_a_data_directory(cache_dir, tmp_path, kind):
+    """``--data DIR``: MHSA pickles (as `hsoftmax data samples` writes them) or staypoints.csv."""
+    from hsoftmax.data.synthetic import synthesize_to_dir
+
+    data_dir = tmp_path / "data"
+    if kind == "mhsa":
+        load_preset("small", seed=0, cache_dir=cache_dir, progress=False).write_mhsa(data_dir)
+    else:
+        synthesize_to_dir("small", 0, data_dir, progress=False)
+    cfg = small_config(
+        cache_dir, tmp_path / "runs", f"data.path={data_dir}", "train.epochs=1",
+        "train.max_steps_per_epoch=2", "train.val_metrics=false",
+    )  # fmt: skip
+    result = train(cfg, **QUIET)
+    assert result.test["n"] == len(load_preset("small", seed=0, cache_dir=cache_dir).test)
