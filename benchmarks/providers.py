@@ -71,11 +71,22 @@ class HSoftmax(_TreeHead):
         return -path_log_prob(hidden, self.weight, self.bias, self.tree, target).mean()
 
 
+class HSoftmaxSparse(_TreeHead):
+    """The fused op with ``sparse_grad=True``: only the rows the batch touched get a gradient
+    (as word2vec / ``nn.Embedding(sparse=True)``); needs an optimizer that takes sparse grads."""
+
+    def loss(self, hidden, target):
+        return -path_log_prob(
+            hidden, self.weight, self.bias, self.tree, target, sparse_grad=True
+        ).mean()
+
+
 PROVIDERS = {
     "dense": Dense,
     "adaptive": Adaptive,
     "reference_hs": ReferenceHS,
     "hsoftmax": HSoftmax,
+    "hsoftmax_sparse": HSoftmaxSparse,
 }
 
 
