@@ -64,7 +64,7 @@ void test_op_through_dispatcher() {
                 .typed<std::tuple<at::Tensor, at::Tensor>(
                     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, int64_t)>();
+                    const at::Tensor&, int64_t, bool)>();
   // internal nodes in id order: node 3 (index 0) owns row 0, node 4 (index 1) owns row 1
   const auto node_row_ptr = at::tensor({0, 1, 2}, at::kInt);
   const auto leaf_path_ptr = at::tensor({0, 1, 3, 5}, at::kLong);
@@ -76,7 +76,7 @@ void test_op_through_dispatcher() {
   for (int64_t y = 0; y < 3; ++y) {
     const auto target = at::full({2}, y, at::kLong);
     auto [lp, coef] = op.call(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node,
-                              path_choice, target, 2);
+                              path_choice, target, 2, false);
     for (int64_t b = 0; b < 2; ++b) {
       const double h0 = hidden[b][0].item<double>(), h1 = hidden[b][1].item<double>();
       const double z_node3 = 1.0 * h0 + 2.0 * h1 + 0.1;   // row 0
@@ -89,7 +89,7 @@ void test_op_through_dispatcher() {
   bool threw = false;
   try {
     op.call(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
-            at::tensor({0, 3}, at::kLong), 2);
+            at::tensor({0, 3}, at::kLong), 2, false);
   } catch (const c10::Error&) {
     threw = true;
   }
