@@ -54,6 +54,13 @@ class _Head(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
 
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
     @property
     def num_classes(self) -> int:
         """V, the number of classes (leaves)."""
@@ -244,13 +251,6 @@ class HierarchicalSoftmax(_Head):
         self.bias = nn.Parameter(torch.empty(tree.num_rows, **factory)) if bias else None
         self._set_tree(tree)
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias."""
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
 
     # ------------------------------------------------------------------ constructors
 
@@ -556,13 +556,6 @@ class DenseSoftmax(_Head):
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias."""
-        bound = 1.0 / math.sqrt(self.in_features)
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def num_classes(self) -> int:
