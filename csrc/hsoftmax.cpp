@@ -74,6 +74,23 @@ void check_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
   }
 }
 
+void check_backward_args(const at::Tensor& grad_log_prob, const at::Tensor& grad_coef,
+                         const at::Tensor& hidden, const at::Tensor& weight,
+                         const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
+                         const at::Tensor& path_node, const at::Tensor& path_choice,
+                         const at::Tensor& target) {
+  TORCH_CHECK(grad_coef.dim() == 2 && grad_coef.size(0) == hidden.size(0) &&
+                  grad_coef.scalar_type() == coef_dtype(hidden.scalar_type()) &&
+                  grad_coef.device() == hidden.device(),
+              "grad_coef must be the second output of path_log_prob_forward");
+  check_forward_args(hidden, weight, std::nullopt, node_row_ptr, leaf_path_ptr, path_node,
+                     path_choice, target, grad_coef.size(1));
+  TORCH_CHECK(grad_log_prob.sizes() == target.sizes() &&
+                  grad_log_prob.scalar_type() == hidden.scalar_type() &&
+                  grad_log_prob.device() == hidden.device(),
+              "grad_log_prob must have shape (B,) and hidden's dtype and device");
+}
+
 // What this library was compiled against, read by hsoftmax/_build.py to refuse a mismatched
 // torch at import time instead of failing later with an obscure symbol or kernel error.
 static std::string build_info() {

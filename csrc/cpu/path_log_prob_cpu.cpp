@@ -393,14 +393,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
     const at::Tensor& weight, const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
     const at::Tensor& path_node, const at::Tensor& path_choice, const at::Tensor& target,
     bool has_bias, std::array<bool, 3> output_mask, bool sparse_weight) {
-  check_forward_args(hidden, weight, std::nullopt, node_row_ptr, leaf_path_ptr, path_node,
-                     path_choice, target, coef.size(1));
-  TORCH_CHECK(grad_log_prob.sizes() == target.sizes() &&
-                  grad_log_prob.scalar_type() == hidden.scalar_type(),
-              "grad_log_prob must have shape (B,) and hidden's dtype");
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == hidden.size(0) &&
-                  coef.scalar_type() == coef_dtype(hidden.scalar_type()),
-              "grad_coef must be the second output of path_log_prob_forward");
+  check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
+                      path_choice, target);
   const TreeView tree = view_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
   check_targets(target.data_ptr<int64_t>(), target.size(0), tree.num_leaves);
   const auto g = grad_log_prob.contiguous();

@@ -222,16 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
     const at::Tensor& path_node, const at::Tensor& path_choice, const at::Tensor& target,
     bool has_bias, std::array<bool, 3> output_mask, bool sparse_weight) {
   TORCH_CHECK(!sparse_weight, "sparse weight gradients are implemented on CPU only");
-  check_forward_args(hidden, weight, std::nullopt, node_row_ptr, leaf_path_ptr, path_node,
-                     path_choice, target, coef.size(1));
-  TORCH_CHECK(grad_log_prob.sizes() == target.sizes() &&
-                  grad_log_prob.scalar_type() == hidden.scalar_type() &&
-                  grad_log_prob.device() == hidden.device(),
-              "grad_log_prob must have shape (B,) and hidden's dtype and device");
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == hidden.size(0) &&
-                  coef.scalar_type() == coef_dtype(hidden.scalar_type()) &&
-                  coef.device() == hidden.device(),
-              "grad_coef must be the second output of path_log_prob_forward");
+  check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
+                      path_choice, target);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const bool want_h = output_mask[0], want_w = output_mask[1], want_b = output_mask[2] && has_bias;
   if (want_w || want_b) {
