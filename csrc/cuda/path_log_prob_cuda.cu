@@ -118,6 +118,21 @@ __global__ void forward_kernel(
   if (lane == 0) log_prob[b] = static_cast<scalar_t>(lp);
 }
 
+// Calls fn(row, entry) for every weight row on leaf y's path; entry indexes the example's coef.
+template <typename F>
+__device__ __forceinline__ void for_each_path_row(const int32_t* __restrict__ node_row_ptr,
+                                                  const int64_t* __restrict__ leaf_path_ptr,
+                                                  const int32_t* __restrict__ path_node, int64_t y,
+                                                  F&& fn) {
+  int64_t e = 0;
+  for (int64_t s = leaf_path_ptr[y]; s < leaf_path_ptr[y + 1]; ++s) {
+    const int32_t node = path_node[s];
+    const int64_t r0 = node_row_ptr[node];
+    const int n = node_row_ptr[node + 1] - r0;
+    for (int k = 0; k < n; ++k, ++e) fn(r0 + k, e);
+  }
+}
+
 // grad_hidden[b, d] = sum over b's path rows of g[b] * coef[b, e] * weight[r, d]; lanes own d.
 template <typename scalar_t, typename acc_t>
 __global__ void grad_hidden_kernel(
@@ -136,15 +151,9 @@ __global__ void grad_hidden_kernel(
   for (int64_t d = lane; d < dim; d += kWarp) {
     acc_t acc = 0;
     if (valid) {
-      int64_t e = 0;
-      for (int64_t s = leaf_path_ptr[y]; s < leaf_path_ptr[y + 1]; ++s) {
-        const int32_t node = path_node[s];
-        const int64_t r0 = node_row_ptr[node];
-        const int n = node_row_ptr[node + 1] - r0;
-        for (int k = 0; k < n; ++k, ++e) {
-          acc += c[e] * static_cast<acc_t>(weight[(r0 + k) * dim + d]);
-        }
-      }
+      for_each_path_row(node_row_ptr, leaf_path_ptr, path_node, y, [&](int64_t r, int64_t e) {
+        acc += c[e] * static_cast<acc_t>(weight[r * dim + d]);
+      });
     }
     grad_hidden[b * dim + d] = static_cast<scalar_t>(g * acc);
   }
@@ -167,22 +176,15 @@ __global__ void grad_weight_kernel(
   const acc_t g = static_cast<acc_t>(grad_log_prob[b]);
   const acc_t* c = coef + b * rows;
   const scalar_t* h = hidden + b * dim;
-  int64_t e = 0;
-  for (int64_t s = leaf_path_ptr[y]; s < leaf_path_ptr[y + 1]; ++s) {
-    const int32_t node = path_node[s];
-    const int64_t r0 = node_row_ptr[node];
-    const int n = node_row_ptr[node + 1] - r0;
-    for (int k = 0; k < n; ++k, ++e) {
-      const acc_t cb = g * c[e];
-      const int64_t r = r0 + k;
-      if (grad_bias != nullptr && lane == 0) atomicAdd(grad_bias + r, cb);
-      if (grad_weight != nullptr) {
-        for (int64_t d = lane; d < dim; d += kWarp) {
-          atomicAdd(grad_weight + r * dim + d, cb * static_cast<acc_t>(h[d]));
-        }
+  for_each_path_row(node_row_ptr, leaf_path_ptr, path_node, y, [&](int64_t r, int64_t e) {
+    const acc_t cb = g * c[e];
+    if (grad_bias != nullptr && lane == 0) atomicAdd(grad_bias + r, cb);
+    if (grad_weight != nullptr) {
+      for (int64_t d = lane; d < dim; d += kWarp) {
+        atomicAdd(grad_weight + r * dim + d, cb * static_cast<acc_t>(h[d]));
       }
     }
-  }
+  });
 }
 
 int64_t num_blocks(int64_t batch) { return (batch + kWarpsPerBlock - 1) / kWarpsPerBlock; }
