@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -16,6 +17,17 @@
 #include "../hsoftmax.h"
 #include "../hsoftmax_math.h"
 #include "cpu_clones.h"
+
+// The Vec8f helpers are internal (never cross a library boundary): their ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Helpers called from the HSM_CPU_CLONES functions must be inlined into them to be compiled for
+// each clone's instruction set; small ones are, these larger ones are forced.
+#if defined(__GNUC__)
+#define HSM_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define HSM_ALWAYS_INLINE inline
+#endif
 
 namespace hsoftmax {
 namespace {
@@ -26,10 +38,19 @@ constexpr int64_t kBatchGrain = 16;
 
 // HSM_CPU_CLONES: see cpu_clones.h.
 
-// Dot product accumulated in acc_t over kLanes independent partial sums: the compiler maps them
-// onto SIMD registers without -ffast-math, and enough of them hide the add latency. The summation
-// order is fixed, so results are deterministic.
-constexpr int kLanes = 16;
+// Dot products accumulated in acc_t over kLanes independent partial sums: the compiler maps them
+// onto a SIMD register without -ffast-math. The summation order is fixed (lane j takes terms
+// j, j + kLanes, ...; then a fixed tree), so results are deterministic, and dot4 computes each of
+// its four dots in exactly the order dot does: a row's logit does not depend on its neighbours.
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+inline acc_t reduce_lanes(acc_t* lane) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
+  }
+  return lane[0];
+}
 
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
@@ -43,11 +64,80 @@ inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
   for (int j = 0; d + j < n; ++j) {  // tail: the first n % kLanes lanes take one more term
     lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
-  }
-  return lane[0];
+  return reduce_lanes(lane);
 }
+
+// float32 specialisations on GCC/Clang vector extensions (eight lanes: one AVX register, two SSE
+// registers in the default clone), in the same lane order and reduction tree as the generic dot.
+#if defined(__GNUC__)
+typedef float Vec8f __attribute__((vector_size(32)));
+static_assert(kLanes == 8, "Vec8f holds kLanes floats");
+
+inline Vec8f load8(const float* p) {
+  Vec8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// elements n .. n + 8 of p with those at or past `len` read as 0 (the tail of a row)
+inline Vec8f load8_tail(const float* p, int64_t len) {
+  float buf[kLanes] = {};
+  for (int64_t j = 0; j < len; ++j) buf[j] = p[j];
+  return load8(buf);
+}
+
+inline float reduce8(Vec8f v) {
+  float lane[kLanes];
+  std::memcpy(lane, &v, sizeof(v));
+  return reduce_lanes(lane);
+}
+
+template <>
+inline float dot<float, float>(const float* __restrict__ a, const float* __restrict__ b,
+                               int64_t n) {
+  Vec8f acc = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) acc += load8(a + d) * load8(b + d);
+  if (d < n) acc += load8_tail(a + d, n - d) * load8_tail(b + d, n - d);
+  return reduce8(acc);
+}
+#endif
+
+// Four dots of `h` at once: four independent accumulator chains hide the multiply-add latency
+// that a single dot waits on, and h is loaded once for all four rows. Each result is
+// bit-identical to dot(h, w_i): a row's logit does not depend on its neighbours on the path.
+template <typename scalar_t, typename acc_t>
+inline void dot4(const scalar_t* __restrict__ h, const scalar_t* const* w, int64_t n,
+                 acc_t* __restrict__ out) {
+  for (int i = 0; i < 4; ++i) out[i] = dot<scalar_t, acc_t>(h, w[i], n);
+}
+
+#if defined(__GNUC__)
+template <>
+inline void dot4<float, float>(const float* __restrict__ h, const float* const* w, int64_t n,
+                               float* __restrict__ out) {
+  Vec8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    const Vec8f x = load8(h + d);
+    a0 += x * load8(w[0] + d);
+    a1 += x * load8(w[1] + d);
+    a2 += x * load8(w[2] + d);
+    a3 += x * load8(w[3] + d);
+  }
+  if (d < n) {
+    const Vec8f x = load8_tail(h + d, n - d);
+    a0 += x * load8_tail(w[0] + d, n - d);
+    a1 += x * load8_tail(w[1] + d, n - d);
+    a2 += x * load8_tail(w[2] + d, n - d);
+    a3 += x * load8_tail(w[3] + d, n - d);
+  }
+  out[0] = reduce8(a0);
+  out[1] = reduce8(a1);
+  out[2] = reduce8(a2);
+  out[3] = reduce8(a3);
+}
+#endif
 
 // out[d] += alpha * x[d]
 template <typename scalar_t, typename acc_t>
@@ -81,6 +171,71 @@ class RowAccumulator {
     if constexpr (!kInPlace) {
       for (int64_t d = 0; d < dim_; ++d) out[d] = static_cast<scalar_t>(scratch_[d]);
     }
+  }
+};
+
+#if defined(__GNUC__)
+inline void store8(float* p, Vec8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// out[d0 .. d0 + 8 NV) = sum_j scale[j] * row_at(j)[d0 ..]: NV accumulators held in registers
+// across all n rows (an axpy into memory would reload and store them for every row).
+template <int NV, typename RowAt>
+HSM_ALWAYS_INLINE void scaled_row_sum_block(RowAt row_at, const float* __restrict__ scale,
+                                            int64_t n, int64_t d0, float* __restrict__ out) {
+  Vec8f acc[NV] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const float s = scale[j];
+    const float* p = row_at(j) + d0;
+    for (int v = 0; v < NV; ++v) acc[v] += s * load8(p + kLanes * v);
+  }
+  for (int v = 0; v < NV; ++v) store8(out + d0 + kLanes * v, acc[v]);
+}
+
+// the last nv < 8 whole vectors of a row: scaled_row_sum_block<nv>, nv chosen at run time
+template <int NV, typename RowAt>
+HSM_ALWAYS_INLINE void scaled_row_sum_tail(int64_t nv, RowAt row_at, const float* scale, int64_t n,
+                                           int64_t d0, float* out) {
+  if (nv == NV) {
+    scaled_row_sum_block<NV>(row_at, scale, n, d0, out);
+  } else if constexpr (NV > 1) {
+    scaled_row_sum_tail<NV - 1>(nv, row_at, scale, n, d0, out);
+  }
+}
+#endif
+
+// out[d] = sum over j < n, in order, of scale[j] * row_at(j)[d]: the weighted sum of n rows of
+// length dim that both gradients are made of (grad_hidden: weight rows on a path; grad_weight:
+// hidden rows of the examples touching a weight row). Every element is summed in j order from
+// 0, so the result does not depend on how the row is blocked.
+template <typename scalar_t>
+class ScaledRowSum {
+  using acc_t = at::opmath_type<scalar_t>;
+  RowAccumulator<scalar_t> row_;
+  int64_t dim_;
+
+ public:
+  explicit ScaledRowSum(int64_t dim) : row_(dim), dim_(dim) {}
+
+  template <typename RowAt>
+  HSM_ALWAYS_INLINE void operator()(RowAt row_at, const acc_t* __restrict__ scale, int64_t n,
+                                    scalar_t* out) {
+#if defined(__GNUC__)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      constexpr int64_t kBlock = 8 * kLanes;
+      int64_t d0 = 0;
+      for (; d0 + kBlock <= dim_; d0 += kBlock) scaled_row_sum_block<8>(row_at, scale, n, d0, out);
+      scaled_row_sum_tail<7>((dim_ - d0) / kLanes, row_at, scale, n, d0, out);
+      for (d0 += (dim_ - d0) / kLanes * kLanes; d0 < dim_; ++d0) {
+        float sum = 0;
+        for (int64_t j = 0; j < n; ++j) sum += scale[j] * row_at(j)[d0];
+        out[d0] = sum;
+      }
+      return;
+    }
+#endif
+    acc_t* acc = row_.start(out);
+    for (int64_t j = 0; j < n; ++j) axpy<scalar_t, acc_t>(scale[j], row_at(j), acc, dim_);
+    row_.finish(out);
   }
 };
 
@@ -158,133 +313,217 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
                                   int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const TreeView& tree = a.tree;
+  std::vector<int64_t> path_rows(a.rows);
+  std::vector<acc_t> term(a.rows);
   for (int64_t b = begin; b < end; ++b) {
     if (b + 1 < end) prefetch_path_rows(tree, a.target[b + 1], a.weight, a.dim);
     const scalar_t* h = a.hidden + b * a.dim;
-    acc_t* z = a.coef + b * a.rows;
+    acc_t* __restrict__ z = a.coef + b * a.rows;
     const int64_t y = a.target[b];
-    acc_t lp = 0;
-    int64_t e = 0;
-    for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
+    const int64_t s0 = tree.leaf_path_ptr[y], s1 = tree.leaf_path_ptr[y + 1];
+    // 1. the weight rows on the path, in path order
+    int64_t m = 0;
+    for (int64_t s = s0; s < s1; ++s) {
       const int32_t node = tree.path_node[s];
-      const int64_t r0 = tree.node_row_ptr[node];
-      const int n = tree.node_row_ptr[node + 1] - r0;
-      for (int k = 0; k < n; ++k) {
-        const int64_t r = r0 + k;
-        z[e + k] = dot<scalar_t, acc_t>(h, a.weight + r * a.dim, a.dim) +
-                   (a.bias ? static_cast<acc_t>(a.bias[r]) : acc_t(0));
+      for (int64_t r = tree.node_row_ptr[node]; r < tree.node_row_ptr[node + 1]; ++r) {
+        path_rows[m++] = r;
       }
-      lp += math::node_log_softmax(z + e, n, tree.path_choice[s]);
-      e += n;
     }
-    for (; e < a.rows; ++e) z[e] = 0;
+    // 2. their logits, four rows at a time
+    int64_t e = 0;
+    for (; e + 4 <= m; e += 4) {
+      const scalar_t* w[4];
+      for (int i = 0; i < 4; ++i) w[i] = a.weight + path_rows[e + i] * a.dim;
+      dot4<scalar_t, acc_t>(h, w, a.dim, z + e);
+    }
+    for (; e < m; ++e) z[e] = dot<scalar_t, acc_t>(h, a.weight + path_rows[e] * a.dim, a.dim);
+    if (a.bias) {
+      for (e = 0; e < m; ++e) z[e] += static_cast<acc_t>(a.bias[path_rows[e]]);
+    }
+    // 3. log-softmax of each node: one row per node means every node on the path is binary,
+    // and the branch-free binary formula runs over the whole path as one vector loop
+    acc_t lp = 0;
+    if (m == s1 - s0) {
+      const int32_t* __restrict__ choice = tree.path_choice + s0;
+      acc_t* __restrict__ t = term.data();
+      for (e = 0; e < m; ++e) t[e] = math::binary_node_log_softmax(z + e, choice[e]);
+      for (e = 0; e < m; ++e) lp += t[e];
+    } else {
+      e = 0;
+      for (int64_t s = s0; s < s1; ++s) {
+        const int32_t node = tree.path_node[s];
+        const int n = tree.node_row_ptr[node + 1] - tree.node_row_ptr[node];
+        lp += math::node_log_softmax(z + e, n, tree.path_choice[s]);
+        e += n;
+      }
+    }
+    for (e = m; e < a.rows; ++e) z[e] = 0;
     out[b] = static_cast<scalar_t>(lp);
   }
 }
 
-// grad_hidden[b] = sum over the rows r on b's path of g[b] * coef[b, e] * weight[r].
+// The backward's view of a batch: entry (b, e) is the e-th weight row on example b's path,
+// flat_row[b * R + e], with scale flat_scale[b * R + e] = grad_log_prob[b] * coef[b, e];
+// path_len[b] entries per example. Written once by the (parallel) first pass and read by the
+// grouping, so the tree is walked once.
+template <typename acc_t>
+struct Entries {
+  std::vector<int32_t> flat_row;
+  std::vector<acc_t> flat_scale;
+  std::vector<int32_t> path_len;
+};
+
+// First backward pass over examples [begin, end): records their entries, adds them to the row
+// histogram `count` (when not null), and computes grad_hidden[b] = sum of the path's weight
+// rows scaled by their entries (when not null).
 template <typename scalar_t>
-HSM_CPU_CLONES void grad_hidden_range(const Args<scalar_t>& a, scalar_t* grad_hidden, int64_t begin,
-                                      int64_t end) {
+HSM_CPU_CLONES void path_entries_range(const Args<scalar_t>& a,
+                                       Entries<at::opmath_type<scalar_t>>& entries, int64_t* count,
+                                       scalar_t* grad_hidden, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  RowAccumulator<scalar_t> row(a.dim);
+  ScaledRowSum<scalar_t> sum(a.dim);
+  std::vector<const scalar_t*> rows(grad_hidden ? a.rows : 0);
   for (int64_t b = begin; b < end; ++b) {
-    if (b + 1 < end) prefetch_path_rows(a.tree, a.target[b + 1], a.weight, a.dim);
-    scalar_t* gh = grad_hidden + b * a.dim;
-    acc_t* acc = row.start(gh);
+    if (grad_hidden && b + 1 < end) prefetch_path_rows(a.tree, a.target[b + 1], a.weight, a.dim);
     const acc_t gb = static_cast<acc_t>(a.grad_log_prob[b]);
     const acc_t* c = a.coef + b * a.rows;
+    int32_t* row = entries.flat_row.data() + b * a.rows;
+    acc_t* scale = entries.flat_scale.data() + b * a.rows;
+    int64_t m = 0;
     for_each_path_row(a.tree, a.target[b], [&](int64_t r, int64_t e) {
-      axpy<scalar_t, acc_t>(gb * c[e], a.weight + r * a.dim, acc, a.dim);
+      row[m] = static_cast<int32_t>(r);
+      scale[m++] = gb * c[e];
     });
-    row.finish(gh);
+    entries.path_len[b] = static_cast<int32_t>(m);
+    if (count) {
+      for (int64_t j = 0; j < m; ++j) ++count[row[j]];
+    }
+    if (grad_hidden) {
+      for (int64_t j = 0; j < m; ++j) rows[j] = a.weight + int64_t{row[j]} * a.dim;
+      sum([&](int64_t j) { return rows[j]; }, scale, m, grad_hidden + b * a.dim);
+    }
   }
 }
 
-// The (example, path slot) pairs of a batch grouped by the weight row they touch: rows[k] is the
-// k-th touched row (ascending) and entry_coef[seg[k] .. seg[k + 1]) index its coefficients in
-// `coef` (B, R), in increasing example order.
+// The entries grouped by weight row. Group k holds entries [seg[k], seg[k + 1]), in increasing
+// example order: example[j] and scale[j]. Dense: one group per weight row (many empty). Sparse:
+// one group per touched row, rows[k] its id (ascending).
+template <typename acc_t>
 struct RowGroups {
   std::vector<int64_t> rows;
   std::vector<int64_t> seg;
-  std::vector<int64_t> entry_coef;
+  std::vector<int32_t> example;
+  std::vector<acc_t> scale;
+  int64_t num_groups() const { return static_cast<int64_t>(seg.size()) - 1; }
 };
 
-// Groups by an LSD radix sort on the row id: stable, so each row's sum runs in example order
-// (bit-identical results for any thread count, no atomics), and O(entries), independent of V.
-template <typename scalar_t>
-RowGroups group_by_row(const Args<scalar_t>& a, int64_t batch, int64_t num_rows) {
-  std::vector<int64_t> key, idx;
-  key.reserve(batch * a.rows);
-  idx.reserve(batch * a.rows);
+// Dense grouping: a counting sort on the row id, O(entries + V * blocks) (the dense gradient is
+// O(V * D) anyway), from the per-block histograms of the first pass (count[t * V + r]). Entries
+// are placed in (example, slot) order, so each row's sum runs in example order: bit-identical
+// results for any thread count, no atomics.
+template <typename acc_t>
+RowGroups<acc_t> group_by_row_dense(const Entries<acc_t>& entries, std::vector<int64_t>& count,
+                                    int64_t num_blocks, int64_t rows_per_example,
+                                    int64_t num_rows) {
+  RowGroups<acc_t> g;
+  g.seg.resize(num_rows + 1);
+  int64_t running = 0;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    g.seg[r] = running;
+    for (int64_t t = 0; t < num_blocks; ++t) running += count[t * num_rows + r];
+  }
+  g.seg[num_rows] = running;
+  g.example.resize(running);
+  g.scale.resize(running);
+  std::vector<int64_t> next(g.seg.begin(), g.seg.end() - 1);
+  const int64_t batch = static_cast<int64_t>(entries.path_len.size());
   for (int64_t b = 0; b < batch; ++b) {
-    for_each_path_row(a.tree, a.target[b], [&](int64_t r, int64_t e) {
-      key.push_back(r);
-      idx.push_back(b * a.rows + e);
-    });
+    const int32_t* row = entries.flat_row.data() + b * rows_per_example;
+    const acc_t* scale = entries.flat_scale.data() + b * rows_per_example;
+    for (int32_t j = 0; j < entries.path_len[b]; ++j) {
+      const int64_t slot = next[row[j]]++;
+      g.example[slot] = static_cast<int32_t>(b);
+      g.scale[slot] = scale[j];
+    }
+  }
+  return g;
+}
+
+// Sparse grouping: an LSD radix sort on the row id, stable (example order within a row) and
+// O(entries), independent of V.
+template <typename acc_t>
+RowGroups<acc_t> group_by_row_sparse(const Entries<acc_t>& entries, int64_t rows_per_example,
+                                     int64_t num_rows) {
+  const int64_t batch = static_cast<int64_t>(entries.path_len.size());
+  std::vector<int64_t> key, idx;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int32_t j = 0; j < entries.path_len[b]; ++j) {
+      key.push_back(entries.flat_row[b * rows_per_example + j]);
+      idx.push_back(b * rows_per_example + j);
+    }
   }
   const int64_t n = static_cast<int64_t>(key.size());
   constexpr int kBits = 11;
   constexpr int64_t kMask = (int64_t{1} << kBits) - 1;
-  std::vector<int64_t> key_tmp(n), idx_tmp(n), count(kMask + 2);
+  std::vector<int64_t> key_tmp(n), idx_tmp(n), bucket(kMask + 2);
   for (int shift = 0; ((num_rows - 1) >> shift) > 0; shift += kBits) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[((key[i] >> shift) & kMask) + 1];
-    for (int64_t d = 0; d <= kMask; ++d) count[d + 1] += count[d];
+    std::fill(bucket.begin(), bucket.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++bucket[((key[i] >> shift) & kMask) + 1];
+    for (int64_t d = 0; d <= kMask; ++d) bucket[d + 1] += bucket[d];
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = count[(key[i] >> shift) & kMask]++;
+      const int64_t pos = bucket[(key[i] >> shift) & kMask]++;
       key_tmp[pos] = key[i];
       idx_tmp[pos] = idx[i];
     }
     key.swap(key_tmp);
     idx.swap(idx_tmp);
   }
-  RowGroups groups;
+  RowGroups<acc_t> g;
+  g.example.resize(n);
+  g.scale.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     if (i == 0 || key[i] != key[i - 1]) {
-      groups.rows.push_back(key[i]);
-      groups.seg.push_back(i);
+      g.rows.push_back(key[i]);
+      g.seg.push_back(i);
     }
+    g.example[i] = static_cast<int32_t>(idx[i] / rows_per_example);
+    g.scale[i] = entries.flat_scale[idx[i]];
   }
-  groups.seg.push_back(n);
-  groups.entry_coef = std::move(idx);
-  return groups;
+  g.seg.push_back(n);
+  return g;
 }
 
-// Weight/bias gradient of groups [k0, k1). Dense: the output is the whole (V - 1, D) matrix;
-// group k writes row rows[k] and zeroes the untouched rows since the previous group (the chunk
-// with the last group also zeroes the rows after it). Sparse: group k writes output row k.
+// Weight/bias gradient of groups [k0, k1): group k's sum goes to output row k (the weight row
+// itself when dense, the k-th touched row when sparse); an empty group's row is zeroed.
 template <typename scalar_t>
-HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a, const RowGroups& g, bool dense,
-                                       int64_t num_rows, scalar_t* grad_weight, scalar_t* grad_bias,
-                                       int64_t k0, int64_t k1) {
+HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a,
+                                       const RowGroups<at::opmath_type<scalar_t>>& g,
+                                       scalar_t* grad_weight, scalar_t* grad_bias, int64_t k0,
+                                       int64_t k1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = a.dim;
-  const int64_t num_groups = static_cast<int64_t>(g.rows.size());
-  auto zero_rows = [&](int64_t lo, int64_t hi) {
-    if (hi <= lo) return;
-    if (grad_weight) std::memset(grad_weight + lo * dim, 0, (hi - lo) * dim * sizeof(scalar_t));
-    if (grad_bias) std::memset(grad_bias + lo, 0, (hi - lo) * sizeof(scalar_t));
-  };
-  RowAccumulator<scalar_t> row(dim);
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t r = g.rows[k];
-    if (dense) zero_rows(k == 0 ? 0 : g.rows[k - 1] + 1, r);
-    const int64_t out = dense ? r : k;
-    scalar_t* gw = grad_weight ? grad_weight + out * dim : nullptr;
-    acc_t* acc = gw ? row.start(gw) : nullptr;
-    acc_t bias_acc = 0;
-    for (int64_t j = g.seg[k]; j < g.seg[k + 1]; ++j) {
-      const int64_t idx = g.entry_coef[j];
-      const int64_t b = idx / a.rows;  // coef is (B, R), row-major
-      const acc_t cb = static_cast<acc_t>(a.grad_log_prob[b]) * a.coef[idx];
-      bias_acc += cb;
-      if (gw) axpy<scalar_t, acc_t>(cb, a.hidden + b * dim, acc, dim);
+  ScaledRowSum<scalar_t> sum(dim);
+  int64_t k = k0;
+  while (k < k1) {
+    if (g.seg[k] == g.seg[k + 1]) {  // a run of untouched rows: one memset
+      int64_t end = k + 1;
+      while (end < k1 && g.seg[end] == g.seg[end + 1]) ++end;
+      if (grad_weight) std::memset(grad_weight + k * dim, 0, (end - k) * dim * sizeof(scalar_t));
+      if (grad_bias) std::memset(grad_bias + k, 0, (end - k) * sizeof(scalar_t));
+      k = end;
+      continue;
     }
-    if (gw) row.finish(gw);
-    if (grad_bias) grad_bias[out] = static_cast<scalar_t>(bias_acc);
+    const int64_t j0 = g.seg[k], n = g.seg[k + 1] - j0;
+    if (grad_weight) {
+      const int32_t* example = g.example.data() + j0;
+      sum([&](int64_t j) { return a.hidden + int64_t{example[j]} * dim; }, g.scale.data() + j0, n,
+          grad_weight + k * dim);
+    }
+    acc_t bias_acc = 0;
+    for (int64_t j = 0; j < n; ++j) bias_acc += g.scale[j0 + j];
+    if (grad_bias) grad_bias[k] = static_cast<scalar_t>(bias_acc);
+    ++k;
   }
-  if (dense && k1 == num_groups) zero_rows(num_groups ? g.rows.back() + 1 : 0, num_rows);
 }
 
 template <typename scalar_t>
@@ -343,47 +582,67 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                          dim,
                          coef.size(1),
                          tree};
+  const bool want_hidden = grad_hidden.numel() > 0;
+  const bool want_groups = want_weight || want_bias;
+  if (!want_hidden && !want_groups) return;
+  TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "batch of ", batch,
+              " examples is too large (at most 2^31 - 1)");
 
-  if (grad_hidden.numel() > 0) {
-    scalar_t* gh = grad_hidden.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, kBatchGrain,
-                     [&](int64_t begin, int64_t end) { grad_hidden_range(a, gh, begin, end); });
-  }
-  if (!want_weight && !want_bias) return;
+  // Pass 1, parallel over fixed blocks of examples (fixed, so the histograms and hence the
+  // result do not depend on the thread count): entries, row histograms, grad_hidden.
+  Entries<acc_t> entries;
+  entries.flat_row.resize(batch * a.rows);
+  entries.flat_scale.resize(batch * a.rows);
+  entries.path_len.resize(batch);
+  const bool dense_groups = want_groups && !sparse;
+  const int64_t num_blocks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / kBatchGrain));
+  const int64_t block = (batch + num_blocks - 1) / num_blocks;
+  std::vector<int64_t> count(dense_groups ? num_blocks * num_rows : 0, 0);
+  scalar_t* gh = want_hidden ? grad_hidden.data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* block_count = dense_groups ? count.data() + t * num_rows : nullptr;
+      path_entries_range(a, entries, block_count, gh, t * block, std::min(batch, (t + 1) * block));
+    }
+  });
+  if (!want_groups) return;
 
-  const RowGroups groups = group_by_row(a, batch, num_rows);
-  const int64_t num_groups = static_cast<int64_t>(groups.rows.size());
-  const int64_t out_rows = sparse ? num_groups : num_rows;
-  if (want_weight) grad_weight = at::empty({out_rows, dim}, weight.options());
-  if (want_bias) grad_bias = at::empty({out_rows}, weight.options());
+  const auto groups = sparse ? group_by_row_sparse(entries, a.rows, num_rows)
+                             : group_by_row_dense(entries, count, num_blocks, a.rows, num_rows);
+  const int64_t num_groups = groups.num_groups();
+  if (want_weight) grad_weight = at::empty({num_groups, dim}, weight.options());
+  if (want_bias) grad_bias = at::empty({num_groups}, weight.options());
   if (sparse) {
     grad_rows = at::empty({num_groups}, weight.options().dtype(at::kLong));
     std::copy(groups.rows.begin(), groups.rows.end(), grad_rows.data_ptr<int64_t>());
   }
   scalar_t* gw = want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
-  if (num_groups == 0) {  // empty batch (or V = 1): a dense gradient is all zeros
-    if (!sparse) grad_weight_groups(a, groups, true, num_rows, gw, gb, 0, 0);
-    return;
-  }
+  if (num_groups == 0) return;
   // Rows near the root collect most entries, so equal group counts would leave one thread with
-  // most of the work: cut the groups into chunks of equal cost (2 per entry, an axpy of D, plus
-  // 1 per output row written or zeroed, a store of D).
-  std::vector<int64_t> cost(num_groups + 1, 0);
-  for (int64_t k = 0; k < num_groups; ++k) {
-    const int64_t rows_written = sparse ? 1 : groups.rows[k] - (k ? groups.rows[k - 1] : -1);
-    cost[k + 1] = cost[k] + 2 * (groups.seg[k + 1] - groups.seg[k]) + rows_written;
-  }
+  // most of the work: cut the groups into chunks of equal cost, 2 per entry (a row of D
+  // multiply-adds) plus 1 per output row (a store of D), i.e. 2 * seg[k] + k before group k.
   const int64_t num_chunks = std::min<int64_t>(num_groups, at::get_num_threads() * 4);
+  const int64_t total = 2 * groups.seg[num_groups] + num_groups;
   std::vector<int64_t> bounds(num_chunks + 1, num_groups);
   bounds[0] = 0;
   for (int64_t c = 1; c < num_chunks; ++c) {
-    const int64_t goal = cost[num_groups] * c / num_chunks;
-    bounds[c] = std::lower_bound(cost.begin(), cost.end(), goal) - cost.begin();
+    const int64_t goal = total * c / num_chunks;
+    int64_t lo = bounds[c - 1], hi = num_groups;  // first k with 2 * seg[k] + k >= goal
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (2 * groups.seg[mid] + mid < goal) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    bounds[c] = lo;
   }
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      grad_weight_groups(a, groups, !sparse, num_rows, gw, gb, bounds[c], bounds[c + 1]);
+      grad_weight_groups(a, groups, gw, gb, bounds[c], bounds[c + 1]);
     }
   });
 }
