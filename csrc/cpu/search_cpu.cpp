@@ -25,7 +25,9 @@
 #include <limits>
 #include <vector>
 
+#include "../hsoftmax_math.h"
 #include "cpu_clones.h"
+#include "vec.h"
 
 namespace hsoftmax {
 namespace {
@@ -35,33 +37,10 @@ constexpr int64_t kSearchGrain = 4;
 
 // HSM_CPU_CLONES: see cpu_clones.h.
 
-// Helpers called from the cloned loops are forced inline so each clone compiles its own copy with
-// the clone's instruction set (a call would land in the baseline version).
-#define HSM_INLINE __attribute__((always_inline)) inline
-
-constexpr int kLanes = 16;
-
-// Dot product over kLanes independent partial sums plus a scalar tail, in a fixed order
-// (deterministic). The tail has its own accumulator so the lanes stay in SIMD registers.
-template <typename scalar_t, typename acc_t>
-HSM_INLINE acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      lane[j] += static_cast<acc_t>(a[d + j]) * static_cast<acc_t>(b[d + j]);
-    }
-  }
-  acc_t tail = 0;
-  for (; d < n; ++d) tail += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) lane[j] += lane[j + width];
-  }
-  return lane[0] + tail;
-}
+using vec::dot;
 
 template <typename acc_t>
-HSM_INLINE acc_t nan_to_neg_inf(acc_t x) {
+HSM_ALWAYS_INLINE acc_t nan_to_neg_inf(acc_t x) {
   return std::isnan(x) ? -std::numeric_limits<acc_t>::infinity() : x;
 }
 
@@ -81,8 +60,8 @@ struct SearchArgs {
 // Child 0 has logit 0, child k >= 1 the logit of row node_row_ptr[i] + k - 1. Both searches
 // call only this, so a leaf's log-prob is the same bits in each.
 template <typename scalar_t, typename acc_t>
-HSM_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h, int64_t node,
-                               acc_t* out) {
+HSM_ALWAYS_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h,
+                                      int64_t node, acc_t* out) {
   const int64_t i = node - a.num_leaves;
   const int c = static_cast<int>(a.child_ptr[i + 1] - a.child_ptr[i]);
   const int64_t r0 = a.node_row_ptr[i];
@@ -120,7 +99,7 @@ struct Entry {
 template <typename acc_t>
 struct After {
   int64_t num_leaves;
-  HSM_INLINE bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
+  HSM_ALWAYS_INLINE bool operator()(const Entry<acc_t>& a, const Entry<acc_t>& b) const {
     if (a.log_prob != b.log_prob) return a.log_prob < b.log_prob;
     const bool a_internal = a.node >= num_leaves, b_internal = b.node >= num_leaves;
     if (a_internal != b_internal) return b_internal;
@@ -134,7 +113,8 @@ struct After {
 // both children at every level, and those data-dependent branches mispredict about half the
 // time; here the per-level choice becomes an index increment.
 template <typename acc_t>
-HSM_INLINE Entry<acc_t> heap_pop(std::vector<Entry<acc_t>>& heap, const After<acc_t>& after) {
+HSM_ALWAYS_INLINE Entry<acc_t> heap_pop(std::vector<Entry<acc_t>>& heap,
+                                        const After<acc_t>& after) {
   const Entry<acc_t> top = heap.front();
   const Entry<acc_t> last = heap.back();
   heap.pop_back();
@@ -156,68 +136,128 @@ HSM_INLINE Entry<acc_t> heap_pop(std::vector<Entry<acc_t>>& heap, const After<ac
   return top;
 }
 
-// Best-first search, one example at a time: nodes come out of a max-heap in After order, so
-// leaves come out in the tie-rule order and the first k are the answer. The best child of the
-// node just expanded is usually the next to come out; it skips the heap when it is ("greedy
-// dive", which halves the heap traffic without changing the order of expansions).
+// Requests the first rows of internal node `node` (at most kMaxRows), to be scored soon.
+template <typename scalar_t>
+HSM_ALWAYS_INLINE void prefetch_node_rows(const SearchArgs<scalar_t>& a, int64_t node) {
+  constexpr int64_t kMaxRows = 4, kLine = 64 / sizeof(scalar_t);
+  const int64_t i = node - a.num_leaves;
+  if (i < 0) return;  // a leaf: nothing to score
+  const int64_t r0 = a.node_row_ptr[i];
+  const int64_t r1 = std::min<int64_t>(a.node_row_ptr[i + 1], r0 + kMaxRows);
+  for (const scalar_t* p = a.weight + r0 * a.dim; p < a.weight + r1 * a.dim; p += kLine) {
+    __builtin_prefetch(p, 0, 3);
+  }
+}
+
+// One example's best-first search: nodes come out of a max-heap in After order, so leaves come
+// out in the tie-rule order and the first k are the answer. The best child of the node just
+// expanded is usually the next to come out; it skips the heap when it is ("greedy dive", which
+// halves the heap traffic without changing the order of expansions).
+template <typename acc_t>
+struct TopkSearch {
+  std::vector<Entry<acc_t>> heap;  // max-heap in After order
+  std::vector<acc_t> kept;         // min-heap: the k best leaf log-probs seen so far
+  Entry<acc_t> cur;                // the node to take next
+  int64_t example = -1, found = 0;
+};
+
+// Takes the search's current node (a leaf is emitted, an internal node expanded) and moves it
+// to the next one, whose rows it prefetches. Returns false once the k leaves are out.
+template <typename scalar_t>
+HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
+                                 TopkSearch<at::opmath_type<scalar_t>>& s,
+                                 at::opmath_type<scalar_t>* local, scalar_t* values,
+                                 int64_t* indices) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const After<acc_t> after{a.num_leaves};
+  const std::greater<acc_t> min_first;
+  const Entry<acc_t> cur = s.cur;
+  if (cur.node < a.num_leaves) {
+    values[s.example * k + s.found] = static_cast<scalar_t>(cur.log_prob);
+    indices[s.example * k + s.found] = cur.node;
+    if (++s.found == k) return false;
+  } else {
+    const scalar_t* h = a.hidden + s.example * a.dim;
+    const int c = child_log_probs<scalar_t, acc_t>(a, h, cur.node, local);
+    const int64_t first = a.child_ptr[cur.node - a.num_leaves];
+    Entry<acc_t> best{acc_t(0), -1};
+    auto heap_push = [&](const Entry<acc_t>& e) {
+      s.heap.push_back(e);
+      std::push_heap(s.heap.begin(), s.heap.end(), after);
+    };
+    for (int j = 0; j < c; ++j) {
+      const Entry<acc_t> e{cur.log_prob + local[j], a.children[first + j]};
+      // Strictly below the k-th best known leaf: nothing in there can make the top k.
+      if (static_cast<int64_t>(s.kept.size()) == k && e.log_prob < s.kept.front()) continue;
+      if (e.node < a.num_leaves) {
+        s.kept.push_back(e.log_prob);
+        std::push_heap(s.kept.begin(), s.kept.end(), min_first);
+        if (static_cast<int64_t>(s.kept.size()) > k) {
+          std::pop_heap(s.kept.begin(), s.kept.end(), min_first);
+          s.kept.pop_back();
+        }
+      }
+      if (best.node < 0) {
+        best = e;
+      } else if (after(best, e)) {
+        heap_push(best);
+        best = e;
+      } else {
+        heap_push(e);
+      }
+    }
+    if (best.node >= 0 && (s.heap.empty() || after(s.heap.front(), best))) {
+      s.cur = best;  // it would come out of the heap next anyway
+      prefetch_node_rows(a, s.cur.node);
+      return true;
+    }
+    if (best.node >= 0) heap_push(best);
+  }
+  // The k leaves that set the pruning bound are never pruned, so k leaves always come out.
+  TORCH_INTERNAL_ASSERT(!s.heap.empty(), "topk_leaves found ", s.found, " < k = ", k, " leaves");
+  s.cur = heap_pop(s.heap, after);
+  prefetch_node_rows(a, s.cur.node);
+  return true;
+}
+
+// Top-k of examples [begin, end). Each search waits on a weight row from memory at every
+// expansion, and expansions depend on each other, so one search at a time leaves the core idle
+// most of the time: kInterleave searches run side by side, one step each in turn, and each
+// step's prefetch of its next row has the other searches' steps to arrive. Each search's own
+// sequence of steps is unchanged, so the results are those of one search at a time.
 template <typename scalar_t>
 HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max_children,
                                scalar_t* values, int64_t* indices, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kInterleave = 8;
   std::vector<acc_t> local(max_children);
-  std::vector<Entry<acc_t>> heap;  // max-heap in After order
-  std::vector<acc_t> kept;         // min-heap: the k best leaf log-probs seen so far
-  const After<acc_t> after{a.num_leaves};
-  const std::greater<acc_t> min_first;
-  auto heap_push = [&](const Entry<acc_t>& e) {
-    heap.push_back(e);
-    std::push_heap(heap.begin(), heap.end(), after);
+  TopkSearch<acc_t> search[kInterleave];
+  int64_t next = begin;
+  auto start = [&](TopkSearch<acc_t>& s) {
+    s.heap.clear();
+    s.kept.clear();
+    s.example = next++;
+    s.found = 0;
+    s.cur = {acc_t(0), a.root};
+    prefetch_node_rows(a, a.root);
   };
-  for (int64_t b = begin; b < end; ++b) {
-    const scalar_t* h = a.hidden + b * a.dim;
-    heap.clear();
-    kept.clear();
-    Entry<acc_t> cur{acc_t(0), a.root};
-    int64_t found = 0;
-    while (true) {
-      if (cur.node < a.num_leaves) {
-        values[b * k + found] = static_cast<scalar_t>(cur.log_prob);
-        indices[b * k + found] = cur.node;
-        if (++found == k) break;
+  int active = 0;
+  for (auto& s : search) {
+    if (next == end) break;
+    start(s);
+    ++active;
+  }
+  while (active > 0) {
+    for (int i = 0; i < kInterleave; ++i) {
+      TopkSearch<acc_t>& s = search[i];
+      if (s.example < 0) continue;
+      if (topk_step(a, k, s, local.data(), values, indices)) continue;
+      if (next < end) {
+        start(s);
       } else {
-        const int c = child_log_probs<scalar_t, acc_t>(a, h, cur.node, local.data());
-        const int64_t first = a.child_ptr[cur.node - a.num_leaves];
-        Entry<acc_t> best{acc_t(0), -1};
-        for (int j = 0; j < c; ++j) {
-          const Entry<acc_t> e{cur.log_prob + local[j], a.children[first + j]};
-          // Strictly below the k-th best known leaf: nothing in there can make the top k.
-          if (static_cast<int64_t>(kept.size()) == k && e.log_prob < kept.front()) continue;
-          if (e.node < a.num_leaves) {
-            kept.push_back(e.log_prob);
-            std::push_heap(kept.begin(), kept.end(), min_first);
-            if (static_cast<int64_t>(kept.size()) > k) {
-              std::pop_heap(kept.begin(), kept.end(), min_first);
-              kept.pop_back();
-            }
-          }
-          if (best.node < 0) {
-            best = e;
-          } else if (after(best, e)) {
-            heap_push(best);
-            best = e;
-          } else {
-            heap_push(e);
-          }
-        }
-        if (best.node >= 0 && (heap.empty() || after(heap.front(), best))) {
-          cur = best;  // it would come out of the heap next anyway
-          continue;
-        }
-        if (best.node >= 0) heap_push(best);
+        s.example = -1;
+        --active;
       }
-      // The k leaves that set the pruning bound are never pruned, so k leaves always come out.
-      TORCH_INTERNAL_ASSERT(!heap.empty(), "topk_leaves found ", found, " < k = ", k, " leaves");
-      cur = heap_pop(heap, after);
     }
   }
 }
