@@ -7,6 +7,8 @@ Markdown table plus the raw results as JSON:
     python benchmarks/compare_heads.py --preset diy --epochs 100 --seeds 0 1 --out results/diy
     python benchmarks/compare_heads.py --preset geolife --epochs 2 --seeds 0 \\
         --configs dense dense+logit_add hs-kmeans128+mixture     # a reduced run
+    OMP_NUM_THREADS=1 python benchmarks/compare_heads.py --preset geolife --jobs 2 --reuse \\
+        --set train.num_threads=1      # two trainings at once, one core each; resumable
 
 Columns: test Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
 mean ± standard deviation over seeds), trainable parameters, mean training seconds per epoch
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 # name -> config overrides (the seed's configuration otherwise)
@@ -43,8 +46,15 @@ METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 
 def run_one(name: str, seed: int, args, out: Path) -> dict:
     run_dir = out / "runs" / f"{name}-seed{seed}"
-    cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
-    sets = [
+    if args.reuse and (run_dir / "test_metrics.json").exists():
+        return _result(name, seed, run_dir, wall_seconds=None)
+    if args.reuse and (run_dir / "ckpt.pt").exists():  # interrupted: continue it exactly
+        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--resume", str(run_dir)]
+        sets = ["train.progress=false"]
+    else:
+        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
+        sets = []
+    sets += [
         f"data.preset={args.preset}",
         f"train.epochs={args.epochs}",
         f"train.seed={seed}",
@@ -62,6 +72,10 @@ def run_one(name: str, seed: int, args, out: Path) -> dict:
         raise RuntimeError(
             f"{name} seed {seed} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )
+    return _result(name, seed, run_dir, wall_seconds=time.perf_counter() - t0)
+
+
+def _result(name: str, seed: int, run_dir: Path, wall_seconds: float | None) -> dict:
     history = json.loads((run_dir / "metrics.json").read_text())
     return {
         "config": name,
@@ -71,7 +85,7 @@ def run_one(name: str, seed: int, args, out: Path) -> dict:
         "epochs": len(history),
         "seconds_per_epoch": statistics.mean(r["train_seconds"] for r in history),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in history),
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": wall_seconds,
     }
 
 
@@ -108,24 +122,41 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="output directory (default results/<preset>)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="trainings run at once (give each its own core)"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take finished runs already in the output directory instead of training them "
+        "again (a long comparison continues where it stopped)",
+    )
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     out = Path(args.out or f"results/{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.configs:
-        for seed in args.seeds:
-            r = run_one(name, seed, args, out)
-            results.append(r)
+    todo = [(name, seed) for name in args.configs for seed in args.seeds]
+    done: dict[tuple[str, int], dict] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, name, seed, args, out): (name, seed) for name, seed in todo}
+        for future in as_completed(futures):
+            name, seed = futures[future]
+            r = done[(name, seed)] = future.result()
+            wall = "reused" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f} s"
             print(
                 f"{name} seed {seed}: acc@1 {r['test']['acc@1']:.2f}, {r['epochs']} epochs, "
-                f"{r['seconds_per_epoch']:.1f} s/epoch, {r['wall_seconds']:.0f} s",
+                f"{r['seconds_per_epoch']:.1f} s/epoch, {wall}",
                 flush=True,
             )
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            finished = [done[key] for key in todo if key in done]  # in table order
+            (out / "results.json").write_text(json.dumps(finished, indent=2) + "\n")
+    results = [done[key] for key in todo]
     text = table(results)
     header = (
         f"preset {args.preset}, epochs <= {args.epochs}, seeds {args.seeds}, overrides "
-        f"{args.set or 'none'}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+        f"{args.set or 'none'}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, "
+        f"{args.jobs} training(s) at once"
     )
     (out / "table.md").write_text(f"{header}\n\n{text}\n")
     print(header)
