@@ -107,28 +107,65 @@ struct After {
   }
 };
 
-// Removes and returns the first entry of a max-heap in After order. Bottom-up ("Floyd") pop: the
+// How the top-k heap stores a node. Generic: the Entry itself, ordered by After. float32: one
+// uint64 whose integer order is After's order - the log-prob's bits made monotonic in the high
+// half (after -0 -> +0, which After treats as equal), then "internal" and the complemented node
+// id - so a heap step moves 8 bytes and compares with one instruction, without branches. Node ids
+// fit in 31 bits (children are int32); log-probs are never NaN here (child_log_probs maps NaN to
+// -inf).
+template <typename acc_t>
+struct HeapCodec {
+  using Key = Entry<acc_t>;
+  struct Less {
+    After<acc_t> after;
+    HSM_ALWAYS_INLINE bool operator()(const Key& a, const Key& b) const { return after(a, b); }
+  };
+  static Less less(int64_t num_leaves) { return {After<acc_t>{num_leaves}}; }
+  HSM_ALWAYS_INLINE static Key encode(const Entry<acc_t>& e, int64_t) { return e; }
+  HSM_ALWAYS_INLINE static Entry<acc_t> decode(const Key& k) { return k; }
+};
+
+template <>
+struct HeapCodec<float> {
+  using Key = uint64_t;
+  using Less = std::less<uint64_t>;
+  static Less less(int64_t) { return {}; }
+  HSM_ALWAYS_INLINE static Key encode(const Entry<float>& e, int64_t num_leaves) {
+    const auto u = static_cast<uint32_t>(math::bits_of(e.log_prob + 0.0f));
+    const uint32_t order = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    const uint32_t tie =
+        (e.node >= num_leaves ? 0x80000000u : 0u) | (0x7FFFFFFFu - static_cast<uint32_t>(e.node));
+    return (uint64_t{order} << 32) | tie;
+  }
+  HSM_ALWAYS_INLINE static Entry<float> decode(Key k) {
+    const auto order = static_cast<uint32_t>(k >> 32);
+    const uint32_t u = (order & 0x80000000u) ? (order & 0x7FFFFFFFu) : ~order;
+    return {math::float_from_bits(static_cast<int32_t>(u)),
+            int64_t{0x7FFFFFFF} - static_cast<int64_t>(k & 0x7FFFFFFFu)};
+  }
+};
+
+// Removes and returns the first key of a max-heap under `less`. Bottom-up ("Floyd") pop: the
 // hole left at the top sinks along the better child with one comparison per level, then the last
-// entry, usually a poor one, rises from there a step or two. std::pop_heap compares it against
+// key, usually a poor one, rises from there a step or two. std::pop_heap compares it against
 // both children at every level, and those data-dependent branches mispredict about half the
 // time; here the per-level choice becomes an index increment.
-template <typename acc_t>
-HSM_ALWAYS_INLINE Entry<acc_t> heap_pop(std::vector<Entry<acc_t>>& heap,
-                                        const After<acc_t>& after) {
-  const Entry<acc_t> top = heap.front();
-  const Entry<acc_t> last = heap.back();
+template <typename Key, typename Less>
+HSM_ALWAYS_INLINE Key heap_pop(std::vector<Key>& heap, const Less& less) {
+  const Key top = heap.front();
+  const Key last = heap.back();
   heap.pop_back();
   const size_t n = heap.size();
   if (n == 0) return top;
   size_t hole = 0;
   for (size_t c = 1; c < n; c = 2 * hole + 1) {
-    if (c + 1 < n) c += static_cast<size_t>(after(heap[c], heap[c + 1]));
+    if (c + 1 < n) c += static_cast<size_t>(less(heap[c], heap[c + 1]));
     heap[hole] = heap[c];
     hole = c;
   }
   while (hole > 0) {
     const size_t parent = (hole - 1) / 2;
-    if (!after(heap[parent], last)) break;
+    if (!less(heap[parent], last)) break;
     heap[hole] = heap[parent];
     hole = parent;
   }
@@ -155,9 +192,9 @@ HSM_ALWAYS_INLINE void prefetch_node_rows(const SearchArgs<scalar_t>& a, int64_t
 // halves the heap traffic without changing the order of expansions).
 template <typename acc_t>
 struct TopkSearch {
-  std::vector<Entry<acc_t>> heap;  // max-heap in After order
-  std::vector<acc_t> kept;         // min-heap: the k best leaf log-probs seen so far
-  Entry<acc_t> cur;                // the node to take next
+  std::vector<typename HeapCodec<acc_t>::Key> heap;  // max-heap in After order
+  std::vector<acc_t> kept;  // min-heap: the k best leaf log-probs seen so far
+  Entry<acc_t> cur;         // the node to take next
   int64_t example = -1, found = 0;
 };
 
@@ -169,7 +206,9 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
                                  at::opmath_type<scalar_t>* local, scalar_t* values,
                                  int64_t* indices) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Codec = HeapCodec<acc_t>;
   const After<acc_t> after{a.num_leaves};
+  const auto less = Codec::less(a.num_leaves);
   const std::greater<acc_t> min_first;
   const Entry<acc_t> cur = s.cur;
   if (cur.node < a.num_leaves) {
@@ -182,8 +221,8 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
     const int64_t first = a.child_ptr[cur.node - a.num_leaves];
     Entry<acc_t> best{acc_t(0), -1};
     auto heap_push = [&](const Entry<acc_t>& e) {
-      s.heap.push_back(e);
-      std::push_heap(s.heap.begin(), s.heap.end(), after);
+      s.heap.push_back(Codec::encode(e, a.num_leaves));
+      std::push_heap(s.heap.begin(), s.heap.end(), less);
     };
     for (int j = 0; j < c; ++j) {
       const Entry<acc_t> e{cur.log_prob + local[j], a.children[first + j]};
@@ -206,7 +245,8 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
         heap_push(e);
       }
     }
-    if (best.node >= 0 && (s.heap.empty() || after(s.heap.front(), best))) {
+    if (best.node >= 0 &&
+        (s.heap.empty() || less(s.heap.front(), Codec::encode(best, a.num_leaves)))) {
       s.cur = best;  // it would come out of the heap next anyway
       prefetch_node_rows(a, s.cur.node);
       return true;
@@ -215,7 +255,7 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
   }
   // The k leaves that set the pruning bound are never pruned, so k leaves always come out.
   TORCH_INTERNAL_ASSERT(!s.heap.empty(), "topk_leaves found ", s.found, " < k = ", k, " leaves");
-  s.cur = heap_pop(s.heap, after);
+  s.cur = Codec::decode(heap_pop(s.heap, less));
   prefetch_node_rows(a, s.cur.node);
   return true;
 }
