@@ -423,10 +423,42 @@ class HierarchicalSoftmax(_Head):
         nll = -self._log_prob(hidden, target)
         if self.num_leaves == 1:
             return nll, torch.zeros_like(nll)
-        local, flat = self._edge_log_probs(hidden)
-        # mean_l log p(l) = sum over edges of (leaves under the child / V) * log p(child | parent)
-        smooth = -(flat.edge_leaf_share.to(local.dtype) @ local)
-        return nll, smooth.to(nll.dtype)
+        return nll, self._mean_neg_log_prob(hidden).to(nll.dtype)
+
+    def _mean_neg_log_prob(self, hidden) -> torch.Tensor:
+        """(B,) ``mean_l(-log p(l))`` over the V leaves, the label-smoothing term.
+
+        ``mean_l log p(l) = sum over nodes n, children c of (leaves(c) / V) * log p(c | n)``, and
+        with the node's logits ``[0, z_1 .. z_{c-1}]`` (child 0's logit is the implicit 0),
+        ``log p(c_j | n) = z_j - lse_n``, ``lse_n = log(1 + sum_j exp(z_j))``. So the term is
+        ``z @ share - lse @ leaves(n) / V``: one product of ``hidden`` with the node rows of each
+        bucket of nodes (padded to the bucket's width), one log-sum-exp per node, two matrix-vector
+        products. Node-major (B, rows) tensors only: no gather or scatter of (B, V) scores.
+        """
+        flat = self._flat(hidden.device)
+        batch = hidden.shape[0]
+        dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        # softplus(x) = x above the cut: exact, since log1p(e^-cut) is below half an ulp of cut
+        cut = 40.0 if dtype == torch.float64 else 20.0
+        total = None
+        for b in flat.smooth:
+            if b.rows is None:
+                w = self.weight[b.start : b.stop]
+                bias = None if self.bias is None else self.bias[b.start : b.stop]
+            else:
+                w = self.weight.index_select(0, b.rows)
+                bias = None if self.bias is None else self.bias.index_select(0, b.rows)
+            z = F.linear(hidden, w, bias).to(dtype)  # (B, nodes * width)
+            if b.width == 1:
+                lse = F.softplus(z, threshold=cut)  # log(1 + e^z), binary nodes
+            else:
+                zz = z.view(batch, -1, b.width)
+                if b.pad is not None:
+                    zz = zz.masked_fill(b.pad, -math.inf)
+                lse = F.softplus(torch.logsumexp(zz, dim=-1), threshold=cut)  # log(1 + sum e^z)
+            term = z @ b.share.to(dtype) - lse @ b.node_share.to(dtype)
+            total = term if total is None else total + term
+        return -total
 
     def _topk(self, hidden, k):
         if hidden.device.type != "cpu":
@@ -452,8 +484,8 @@ class _FlatTree:
     perm: torch.Tensor  # (E,) int64: row of each level-order edge in the groups' output
     parent_edge: torch.Tensor  # (E,) int64 (0 on level 0, unused there)
     leaf_edge: torch.Tensor  # (V,) int64: the level-order edge into each leaf
-    edge_leaf_share: torch.Tensor  # (E,) float64: leaves under the edge's child / V
     level_bounds: tuple[tuple[int, int], ...]
+    smooth: tuple[_SmoothBucket, ...]  # the internal nodes, bucketed for the smoothing term
 
     @staticmethod
     def build(tree: Tree, device: torch.device) -> _FlatTree:
@@ -512,23 +544,90 @@ class _FlatTree:
             return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
         return _FlatTree(
+            smooth=_SmoothBucket.build_all(
+                counts, node_row_ptr, leaves[children] / v, child_ptr, device
+            ),
             groups=tuple(groups),
             perm=tensor(group_row[order]),
             parent_edge=tensor(parent_edge),
             leaf_edge=tensor(level_index[edge_into[:v]] if n > 1 else np.zeros(v, np.int64)),
-            edge_leaf_share=tensor(leaves[children[order]] / v, torch.float64),
             level_bounds=tuple(bounds),
+        )
+
+
+@dataclass(frozen=True)
+class _SmoothBucket:
+    """Internal nodes whose ``c - 1`` weight rows are padded to one ``width`` (1 for binary
+    nodes, else the next power of two, so a tree has at most ~log2(max c) buckets and pads less
+    than 2x), for :meth:`HierarchicalSoftmax._mean_neg_log_prob`."""
+
+    width: int
+    rows: torch.Tensor | None  # (nodes * width,) int64 weight rows (pads: row 0); None: a slice
+    start: int  # ... the contiguous rows start:stop when rows is None
+    stop: int
+    pad: torch.Tensor | None  # (nodes, width) bool, True at pads; None: no padding
+    share: torch.Tensor  # (nodes * width,) float64: leaves under the row's child / V (pads: 0)
+    node_share: torch.Tensor  # (nodes,) float64: leaves under the node / V
+
+    @staticmethod
+    def build_all(counts, node_row_ptr, child_share, child_ptr, device) -> tuple:
+        """``counts`` (M,) children per internal node, ``node_row_ptr`` (M + 1,) its first weight
+        row, ``child_share`` (E,) leaves under each CSR edge's child / V."""
+        rows_per_node = counts - 1  # every internal node has >= 2 children, so >= 1 row
+        widths = 2 ** np.ceil(np.log2(rows_per_node)).astype(np.int64)
+        buckets = []
+        for width in np.unique(widths):
+            nodes = np.flatnonzero(widths == width)
+            need = rows_per_node[nodes]
+            col = np.arange(width)
+            valid = col[None, :] < need[:, None]  # (nodes, width)
+            rows = np.where(valid, node_row_ptr[nodes][:, None] + col, 0)
+            # row j of a node scores its child j + 1 (child 0 holds the implicit logit 0)
+            edge = np.where(valid, child_ptr[nodes][:, None] + 1 + col, 0)
+            share = np.where(valid, child_share[edge], 0.0)
+            node_share = np.add.reduceat(child_share, child_ptr[:-1])[nodes]
+            flat_rows = rows.ravel()
+            contiguous = bool(valid.all()) and np.array_equal(
+                flat_rows, np.arange(flat_rows[0], flat_rows[0] + flat_rows.size)
+            )
+
+            def tensor(a, dtype=torch.int64):
+                return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+            buckets.append(
+                _SmoothBucket(
+                    width=int(width),
+                    rows=None if contiguous else tensor(flat_rows),
+                    start=int(flat_rows[0]) if contiguous else 0,
+                    stop=int(flat_rows[0] + flat_rows.size) if contiguous else 0,
+                    pad=None if bool(valid.all()) else tensor(~valid, torch.bool),
+                    share=tensor(share.ravel(), torch.float64),
+                    node_share=tensor(node_share, torch.float64),
+                )
+            )
+        return tuple(buckets)
+
+    def to(self, device: torch.device) -> _SmoothBucket:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return _SmoothBucket(
+            width=self.width,
+            rows=move(self.rows),
+            start=self.start,
+            stop=self.stop,
+            pad=move(self.pad),
+            share=self.share.to(device),
+            node_share=self.node_share.to(device),
         )
 
 
 @torch.compiler.disable
 def _move_flat(flat: _FlatTree, device: torch.device) -> _FlatTree:
-    moved = {
-        name: getattr(flat, name).to(device)
-        for name in ("perm", "parent_edge", "leaf_edge", "edge_leaf_share")
-    }
+    moved = {name: getattr(flat, name).to(device) for name in ("perm", "parent_edge", "leaf_edge")}
     groups = tuple((c, rows.to(device)) for c, rows in flat.groups)
-    return _FlatTree(groups=groups, level_bounds=flat.level_bounds, **moved)
+    smooth = tuple(b.to(device) for b in flat.smooth)
+    return _FlatTree(groups=groups, level_bounds=flat.level_bounds, smooth=smooth, **moved)
 
 
 class DenseSoftmax(_Head):

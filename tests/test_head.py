@@ -298,7 +298,9 @@ def test_dense_head_equals_cross_entropy():
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("tree_name", ["V7-ternary", "V40-caterpillar", "V300-shuffled"])
+@pytest.mark.parametrize(
+    "tree_name", ["V7-ternary", "V40-caterpillar", "V300-shuffled", "V1000-random"]
+)
 def test_label_smoothing_and_log_prob_all_gradients(tree_name):
     tree = get_tree(tree_name)
     head = hs_head(tree, 5, seed=14)
