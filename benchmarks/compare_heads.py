@@ -11,10 +11,12 @@ Markdown table plus the raw results as JSON:
         --set train.num_threads=1      # two trainings at once, one core each; resumable
 
 Columns: test Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
-mean ± standard deviation over seeds), trainable parameters, mean training seconds per epoch
-(training steps only, validation excluded), and the peak resident memory of the training process
-(``ru_maxrss``: data, model, optimizer and Python included, so it is an upper bound on what the
-head adds). Every ``--set key=value`` is passed to each run (e.g. ``--set train.num_threads=1``).
+mean ± standard deviation over seeds), trainable parameters, training seconds per epoch (training
+steps only, validation excluded; the median over the run's epochs, averaged over seeds; for a
+quiet-machine figure see ``benchmarks/test_bench_train_step.py``), and the peak resident memory
+of the training process (``ru_maxrss``: data, model, optimizer and Python included, so it is an
+upper bound on what the head adds). Every ``--set key=value`` is passed to each run (e.g.
+``--set train.num_threads=1``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _result(name: str, seed: int, run_dir: Path, wall_seconds: float | None) -> 
         "test": json.loads((run_dir / "test_metrics.json").read_text()),
         "params": json.loads((run_dir / "params.json").read_text()),
         "epochs": len(history),
-        "seconds_per_epoch": statistics.mean(r["train_seconds"] for r in history),
+        # median: robust to the few epochs another job slowed down
+        "seconds_per_epoch": statistics.median(r["train_seconds"] for r in history),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in history),
         "wall_seconds": wall_seconds,
     }

@@ -132,6 +132,17 @@ class _Head(nn.Module):
         self._check_hidden(hidden)
         return self._log_prob_all(hidden)
 
+    def log_prob_and_mean(
+        self, hidden: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p(ids) (B, K), mean_l log p(l) (B,))``, differentiable: the log-probabilities
+        of K classes per row and the mean over all V classes, from one pass over the V classes.
+        These are the terms of a label-smoothed loss over a mixture of this head with another
+        distribution (the history mixture of :mod:`hsoftmax.models`)."""
+        self._check_hidden(hidden)
+        self._check_target(ids, hidden, name="ids")
+        return self._log_prob_and_mean(hidden, ids)
+
     def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k classes by log-probability: ``(values (B, k'), indices (B, k'))`` with
         ``k' = min(k, V)``, ordered by log-prob descending, then class id ascending. Values are
@@ -189,16 +200,19 @@ class _Head(nn.Module):
                 f"hidden is on {hidden.device} but the head is on {self.weight.device}"
             )
 
-    def _check_target(self, target, hidden, allow: int | None = None) -> None:
+    def _check_target(self, target, hidden, allow: int | None = None, name: str = "target") -> None:
+        """``target`` (B,) class ids, or (B, K) when ``name`` is ``"ids"``."""
         if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
         batch = hidden.shape[0]
-        if target.dim() != 1 or target.shape[0] != batch:
-            raise ValueError(f"target must have shape (B,) = ({batch},), got {tuple(target.shape)}")
+        ndim = 1 if name == "target" else 2
+        if target.dim() != ndim or target.shape[0] != batch:
+            want = f"(B,) = ({batch},)" if ndim == 1 else f"(B, K) with B = {batch}"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(target.shape)}")
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor (int64), got {target.dtype}")
+            raise TypeError(f"{name} must be an integer tensor (int64), got {target.dtype}")
         if target.device != hidden.device:
-            raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+            raise ValueError(f"{name} is on {target.device} but hidden is on {hidden.device}")
         if target.numel() == 0 or torch.compiler.is_compiling():
             return  # a data-dependent check would break a compiled graph
         v = self.num_classes
@@ -206,10 +220,11 @@ class _Head(nn.Module):
         if allow is not None:
             bad &= target != allow
         if bool(bad.any()):
-            index = int(bad.nonzero()[0, 0])
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            where = ", ".join(map(str, index))
             extra = "" if allow is None else f" or ignore_index={allow}"
             raise IndexError(
-                f"target[{index}] = {int(target[index])} is out of range for {v} classes "
+                f"{name}[{where}] = {int(target[index])} is out of range for {v} classes "
                 f"(valid: 0 .. {v - 1}{extra})"
             )
 
@@ -426,21 +441,27 @@ class HierarchicalSoftmax(_Head):
         return nll, self._mean_neg_log_prob(hidden).to(nll.dtype)
 
     def _mean_neg_log_prob(self, hidden) -> torch.Tensor:
-        """(B,) ``mean_l(-log p(l))`` over the V leaves, the label-smoothing term.
+        """(B,) ``mean_l(-log p(l))`` over the V leaves, the label-smoothing term."""
+        return -self._node_logits(hidden)[2]
+
+    def _node_logits(self, hidden):
+        """``(z, lse, mean)``: every internal node's logits ``z`` (B, C) bucket by bucket (see
+        :class:`_SmoothBucket`; pads hold junk), ``lse`` (B, M) ``log(1 + sum_j exp(z_j))`` per
+        node in bucket order, and ``mean`` (B,) ``mean_l log p(l)`` over the V leaves.
 
         ``mean_l log p(l) = sum over nodes n, children c of (leaves(c) / V) * log p(c | n)``, and
         with the node's logits ``[0, z_1 .. z_{c-1}]`` (child 0's logit is the implicit 0),
-        ``log p(c_j | n) = z_j - lse_n``, ``lse_n = log(1 + sum_j exp(z_j))``. So the term is
-        ``z @ share - lse @ leaves(n) / V``: one product of ``hidden`` with the node rows of each
-        bucket of nodes (padded to the bucket's width), one log-sum-exp per node, two matrix-vector
-        products. Node-major (B, rows) tensors only: no gather or scatter of (B, V) scores.
+        ``log p(c_j | n) = z_j - lse_n``. So the mean is ``z @ share - lse @ leaves(n) / V``: one
+        product of ``hidden`` with the node rows of each bucket of nodes (padded to the bucket's
+        width), one log-sum-exp per node, two matrix-vector products. Node-major (B, rows)
+        tensors only: no gather or scatter of (B, V) scores.
         """
         flat = self._flat(hidden.device)
         batch = hidden.shape[0]
         dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
         # softplus(x) = x above the cut: exact, since log1p(e^-cut) is below half an ulp of cut
         cut = 40.0 if dtype == torch.float64 else 20.0
-        total = None
+        zs, lses, mean = [], [], None
         for b in flat.smooth:
             if b.rows is None:
                 w = self.weight[b.start : b.stop]
@@ -457,8 +478,35 @@ class HierarchicalSoftmax(_Head):
                     zz = zz.masked_fill(b.pad, -math.inf)
                 lse = F.softplus(torch.logsumexp(zz, dim=-1), threshold=cut)  # log(1 + sum e^z)
             term = z @ b.share.to(dtype) - lse @ b.node_share.to(dtype)
-            total = term if total is None else total + term
-        return -total
+            mean = term if mean is None else mean + term
+            zs.append(z)
+            lses.append(lse)
+        z = zs[0] if len(zs) == 1 else torch.cat(zs, dim=1)
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+        return z, lse, mean
+
+    def _log_prob_and_mean(self, hidden, ids):
+        batch, k = ids.shape
+        if self.num_leaves == 1:
+            zeros = hidden.new_zeros((batch, k))
+            return zeros, zeros[:, 0]
+        z, lse, mean = self._node_logits(hidden)
+        paths = self._leaf_paths(hidden.device)
+        # leaf l's log p = sum over its path of (z of the child taken, 0 for child 0) - lse(node)
+        zcol, zuse = paths.zcol[ids].long(), paths.zuse[ids]  # (B, K, L)
+        lcol, luse = paths.lcol[ids].long(), paths.luse[ids]
+        zg = z.gather(1, zcol.view(batch, -1)).view(zcol.shape)
+        lg = lse.gather(1, lcol.view(batch, -1)).view(lcol.shape)
+        lp = (torch.where(zuse, zg, 0.0) - torch.where(luse, lg, 0.0)).sum(-1)
+        return lp.to(hidden.dtype), mean.to(hidden.dtype)
+
+    def _leaf_paths(self, device: torch.device) -> _LeafPaths:
+        key = ("paths", device)
+        paths = self._cache.get(key)
+        if paths is None:  # built on first use: (V, depth) tables, too big to build eagerly
+            paths = _LeafPaths.build(self.tree, self._flat(torch.device("cpu")).smooth, device)
+            self._cache[key] = paths
+        return paths
 
     def _topk(self, hidden, k):
         if hidden.device.type != "cpu":
@@ -562,6 +610,7 @@ class _SmoothBucket:
     than 2x), for :meth:`HierarchicalSoftmax._mean_neg_log_prob`."""
 
     width: int
+    nodes: np.ndarray  # (nodes,) int64 internal-node indices (node id - V), on the CPU
     rows: torch.Tensor | None  # (nodes * width,) int64 weight rows (pads: row 0); None: a slice
     start: int  # ... the contiguous rows start:stop when rows is None
     stop: int
@@ -597,6 +646,7 @@ class _SmoothBucket:
             buckets.append(
                 _SmoothBucket(
                     width=int(width),
+                    nodes=nodes,
                     rows=None if contiguous else tensor(flat_rows),
                     start=int(flat_rows[0]) if contiguous else 0,
                     stop=int(flat_rows[0] + flat_rows.size) if contiguous else 0,
@@ -613,12 +663,54 @@ class _SmoothBucket:
 
         return _SmoothBucket(
             width=self.width,
+            nodes=self.nodes,
             rows=move(self.rows),
             start=self.start,
             stop=self.stop,
             pad=move(self.pad),
             share=self.share.to(device),
             node_share=self.node_share.to(device),
+        )
+
+
+@dataclass(frozen=True)
+class _LeafPaths:
+    """Each leaf's path as columns of :meth:`HierarchicalSoftmax._node_logits`' outputs, padded
+    to the tree's depth L: ``log p(l) = sum_j [zuse] z[zcol] - [luse] lse[lcol]``."""
+
+    zcol: torch.Tensor  # (V, L) int32: column of z of the child taken (0 where unused)
+    zuse: torch.Tensor  # (V, L) bool: a child >= 1 was taken (child 0's logit is 0)
+    lcol: torch.Tensor  # (V, L) int32: column of lse of the path's node (0 at pads)
+    luse: torch.Tensor  # (V, L) bool: a node of the path (False at pads)
+
+    @staticmethod
+    def build(tree: Tree, buckets: tuple[_SmoothBucket, ...], device) -> _LeafPaths:
+        internal = tree.num_nodes - tree.num_leaves
+        zcol0 = np.zeros(internal, dtype=np.int64)  # column of each node's first logit
+        lcol = np.zeros(internal, dtype=np.int64)
+        zoff = loff = 0
+        for b in buckets:
+            zcol0[b.nodes] = zoff + np.arange(b.nodes.size) * b.width
+            lcol[b.nodes] = loff + np.arange(b.nodes.size)
+            zoff += b.nodes.size * b.width
+            loff += b.nodes.size
+        compiled = tree.compiled("cpu")
+        ptr = compiled.leaf_path_ptr.numpy()
+        node = compiled.path_node.numpy().astype(np.int64)
+        choice = compiled.path_choice.numpy().astype(np.int64)
+        v, lengths = tree.num_leaves, np.diff(ptr)
+        width = max(int(lengths.max()) if v else 0, 1)
+        leaf = np.repeat(np.arange(v), lengths)
+        pos = np.arange(node.size) - ptr[leaf]
+        tables = {name: np.zeros((v, width), dtype=np.int32) for name in ("zcol", "lcol")}
+        masks = {name: np.zeros((v, width), dtype=bool) for name in ("zuse", "luse")}
+        tables["lcol"][leaf, pos] = lcol[node]
+        masks["luse"][leaf, pos] = True
+        taken = choice >= 1
+        tables["zcol"][leaf[taken], pos[taken]] = zcol0[node[taken]] + choice[taken] - 1
+        masks["zuse"][leaf[taken], pos[taken]] = True
+        return _LeafPaths(
+            **{name: torch.as_tensor(a, device=device) for name, a in {**tables, **masks}.items()}
         )
 
 
@@ -678,6 +770,10 @@ class DenseSoftmax(_Head):
     def _nll_and_smoothing(self, hidden, target):
         lp = self._log_prob_all(hidden)
         return -lp.gather(1, target[:, None])[:, 0], -lp.mean(1)
+
+    def _log_prob_and_mean(self, hidden, ids):
+        lp = self._log_prob_all(hidden)
+        return lp.gather(1, ids), lp.mean(1)
 
 
 def topk_by_id(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

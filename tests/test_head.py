@@ -4,6 +4,7 @@ rank against brute force over every leaf, label smoothing, state_dict, errors, o
 from __future__ import annotations
 
 import copy
+import functools
 import io
 
 import numpy as np
@@ -138,6 +139,48 @@ def test_log_prob_and_log_prob_all_match_oracle(kind, tree_name):
     lp = head.log_prob(hidden, target)
     assert lp.shape == (23,)
     torch.testing.assert_close(lp, expected.gather(1, target[:, None])[:, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", HEADS)
+@pytest.mark.parametrize("tree_name", list(TREES))
+def test_log_prob_and_mean_match_oracle(kind, tree_name):
+    """K classes per row (repeats allowed) and the mean over all V, values and gradients, against
+    the plain-PyTorch oracle over every leaf."""
+    tree = get_tree(tree_name)
+    head = make_head(kind, tree)
+    hidden, _ = inputs(head, batch=9, seed=30)
+    hidden.requires_grad_()
+    g = torch.Generator().manual_seed(31)
+    ids = torch.randint(0, tree.num_leaves, (9, 6), generator=g)
+    ids[:, 1] = ids[:, 0]
+    lp, mean = head.log_prob_and_mean(hidden, ids)
+    assert lp.shape == (9, 6) and mean.shape == (9,)
+    expected_all = oracle_log_prob_all(head, hidden)
+    expected_lp, expected_mean = expected_all.gather(1, ids), expected_all.mean(1)
+    torch.testing.assert_close(lp, expected_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mean, expected_mean, rtol=0, atol=1e-12)
+    if tree.num_leaves == 1:
+        return  # log p = 0 for the single leaf: constant, nothing to differentiate
+    up_lp = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    up_mean = torch.randn(9, generator=g, dtype=torch.float64)
+    params = [hidden, head.weight, head.bias]
+    grad = functools.partial(torch.autograd.grad, allow_unused=True, materialize_grads=True)
+    got = grad((lp * up_lp).sum() + (mean * up_mean).sum(), params)
+    want = grad((expected_lp * up_lp).sum() + (expected_mean * up_mean).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_log_prob_and_mean_bad_ids(kind):
+    head = make_head(kind, get_tree("V7-ternary"))
+    hidden, target = inputs(head, batch=3, seed=32)
+    with pytest.raises(ValueError, match=r"ids must have shape \(B, K\) with B = 3"):
+        head.log_prob_and_mean(hidden, target)
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        head.log_prob_and_mean(hidden, target[:, None].float())
+    with pytest.raises(IndexError, match=r"ids\[2, 1\] = 7 is out of range for 7 classes"):
+        head.log_prob_and_mean(hidden, torch.tensor([[0, 1], [2, 3], [4, 7]]))
 
 
 @pytest.mark.parametrize("kind", HEADS)

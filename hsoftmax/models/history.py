@@ -204,13 +204,6 @@ def _head_log_prob_many(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor
     return flat.view(batch, k)
 
 
-def _head_mean_log_prob(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """(B,) ``mean_l log p_head(l)`` over all V classes (the label-smoothing term)."""
-    dummy = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-    # label_smoothing=1 makes the loss exactly -mean_l log p(l) (the NLL term gets weight 0)
-    return -head(hidden, dummy, reduction="none", label_smoothing=1.0)
-
-
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return loss
@@ -318,16 +311,17 @@ class HistoryMixture(nn.Module):
             log_hist = window.log_p_of(target[:, None])
             nll = -self._mix(log_g, log_1mg, log_hist, log_head)[:, 0]
             return _reduce(nll, reduction)
-        # one call scores the target (column 0) and every window position
+        # one pass over the head scores the target (column 0), every window position and the
+        # mean of log p_head over all V classes
         ids = torch.cat([target[:, None], window.loc], dim=1)
-        log_head = _head_log_prob_many(self.head, hidden, ids)
+        log_head, mean_head = self.head.log_prob_and_mean(hidden, ids)
         log_hist = torch.cat([window.log_p_of(target[:, None]), window.log_p], dim=1)
         mix = self._mix(log_g, log_1mg, log_hist, log_head)
         nll = -mix[:, 0]
         # sum_l log p(l) = V log(1-g) + sum_l log p_head(l)
         #                  + sum_{l in W} [log p(l) - log(1-g) - log p_head(l)]
         v = self.num_classes
-        base = log_1mg[:, 0] + _head_mean_log_prob(self.head, hidden)
+        base = log_1mg[:, 0] + mean_head
         lift = mix[:, 1:] - log_1mg - log_head[:, 1:]
         lift = torch.where(window.first, lift, torch.zeros_like(lift)).sum(1)
         smooth = -(base + lift / v)

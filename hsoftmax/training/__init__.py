@@ -13,7 +13,16 @@ from .config import (
     load_config,
     packaged_config_path,
 )
-from .trainer import RunResult, epoch_batches, evaluate_model, evaluate_run, load_data, train
+from .trainer import (
+    RunResult,
+    epoch_batches,
+    evaluate_model,
+    evaluate_run,
+    load_data,
+    make_optimizer,
+    train,
+    train_step,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -29,7 +38,9 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_data",
+    "make_optimizer",
     "packaged_config_path",
     "set_rng_state",
     "train",
+    "train_step",
 ]

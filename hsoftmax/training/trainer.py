@@ -46,7 +46,15 @@ from hsoftmax.models import build_model, check_budget, parameter_report
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
 from .config import load_config
 
-__all__ = ["RunResult", "evaluate_model", "evaluate_run", "load_data", "train"]
+__all__ = [
+    "RunResult",
+    "evaluate_model",
+    "evaluate_run",
+    "load_data",
+    "make_optimizer",
+    "train",
+    "train_step",
+]
 
 logger = logging.getLogger("hsoftmax.training")
 CKPT = "ckpt.pt"
@@ -141,6 +149,25 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
+    """AdamW with the ``train`` section's ``lr`` and ``weight_decay``."""
+    return torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+
+
+def train_step(net, model, optimizer, dataset, idx, device, tcfg: dict) -> torch.Tensor:
+    """One optimisation step on the samples ``idx`` of ``dataset``: collate, forward (the
+    label-smoothed mean loss), backward, gradient clipping, ``optimizer.step()``. ``net`` is the
+    model or its DDP wrapper. Returns the detached loss."""
+    batch = _to(collate([dataset[i] for i in idx]), device)
+    loss = net(batch, label_smoothing=float(tcfg["label_smoothing"]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tcfg["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
+    optimizer.step()
+    return loss.detach()
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -294,9 +321,7 @@ def train(
         + ", ".join(f"{k} {v:,}" for k, v in params.items())
         + f" (built in {build_seconds:.1f} s)"
     )
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"]
-    )
+    optimizer = make_optimizer(model, tcfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer,
         mode="min",
@@ -356,14 +381,8 @@ def train(
         t_epoch = time.perf_counter()
         loss_sum, seen = 0.0, 0
         for step, idx in enumerate(bar):
-            batch = _to(collate([train_set[i] for i in idx]), device)
-            loss = net(batch, label_smoothing=ls)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss = train_step(net, model, optimizer, train_set, idx, device, tcfg)
+            loss_sum += float(loss) * len(idx)
             seen += len(idx)
             if progress and step % 10 == 0:
                 rate = seen * world / max(time.perf_counter() - t_epoch, 1e-9)
