@@ -55,7 +55,7 @@ def test_train_step(benchmark, preset_data, config):
     def step():
         return train_step(model, model, optimizer, dataset, next(order), device, tcfg)
 
-    loss = benchmark.pedantic(step, rounds=8, iterations=1, warmup_rounds=2)
+    loss = benchmark.pedantic(step, rounds=2 * BATCHES, iterations=1, warmup_rounds=2)
     steps = math.ceil(len(dataset) / tcfg["batch_size"])
     benchmark.extra_info.update(
         steps_per_epoch=steps,

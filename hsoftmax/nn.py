@@ -7,7 +7,8 @@ Both heads have one interface, so a model switches heads with one argument:
 
 * ``head(hidden, target, reduction=, ignore_index=, label_smoothing=)``: negative log-likelihood,
   the same contract as ``F.cross_entropy(linear(hidden), target, ...)``.
-* ``head.log_prob(hidden, target)`` (B,), ``head.log_prob_all(hidden)`` (B, V).
+* ``head.log_prob(hidden, target)`` (B,), ``head.log_prob_all(hidden)`` (B, V),
+  ``head.log_prob_and_mean(hidden, ids)``: (B, K) log-probs of ``ids`` and (B,) mean over all V.
 * ``head.topk(hidden, k)`` and ``head.rank(hidden, target)``: exact, with one tie rule.
 
 **Tie rule.** Leaves are ordered by log-probability descending, then by leaf id ascending. ``topk``
@@ -23,9 +24,12 @@ vocabulary, e.g. for accuracy@10), and ``k < 1`` raises.
 **Label smoothing** (``label_smoothing = eps``) mixes the target with the uniform distribution
 over the V leaves, exactly as ``F.cross_entropy(..., label_smoothing=eps)`` does for a dense head:
 ``loss = (1 - eps) * (-log p(y)) + eps * mean_l(-log p(l))``. For a tree the mean is exact and
-needs no (B, V) tensor: ``sum_l log p(l) = sum over edges (n -> c) of leaves(c) * log p(c | n)``,
-one term per edge. It still scores all ``V - 1`` rows per example (O(V * D), one matmul), so a
-smoothed loss costs about as much as a dense head's: the price of exact smoothing.
+needs no leaf log-probabilities: ``sum_l log p(l) = sum over edges (n -> c) of leaves(c) *
+log p(c | n)``, one term per edge, from the (B, V - 1) node logits (one matmul, one log-sum-exp
+per node, two matrix-vector products). It still scores all ``V - 1`` rows per example
+(O(V * D)), so a smoothed loss costs about as much as a dense head's: the price of exact
+smoothing. ``log_prob_and_mean`` gives the same mean together with the log-probs of K classes
+per row, gathered from the same logits (what a smoothed mixture with another distribution needs).
 """
 
 from __future__ import annotations
@@ -607,7 +611,7 @@ class _FlatTree:
 class _SmoothBucket:
     """Internal nodes whose ``c - 1`` weight rows are padded to one ``width`` (1 for binary
     nodes, else the next power of two, so a tree has at most ~log2(max c) buckets and pads less
-    than 2x), for :meth:`HierarchicalSoftmax._mean_neg_log_prob`."""
+    than 2x), for :meth:`HierarchicalSoftmax._node_logits`."""
 
     width: int
     nodes: np.ndarray  # (nodes,) int64 internal-node indices (node id - V), on the CPU
