@@ -141,3 +141,51 @@ def test_rank_hs(benchmark, setting, weights):
     benchmark.extra_info.update(setting["peakedness"][weights])
     benchmark.extra_info["median_rank"] = float(rank.float().median())
     assert rank.shape == (B,)
+
+
+# ------------------------------------------------------------------ label-smoothed training loss
+
+
+@pytest.fixture(scope="module")
+def smoothing_inputs():
+    torch.set_num_threads(THREADS)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, D, generator=g)
+    target = torch.randint(0, V, (B,), generator=g)
+    return hidden, target
+
+
+def _fwd_bwd(loss_fn, hidden, params):
+    def step():
+        h = hidden.detach().requires_grad_()
+        loss = loss_fn(h)
+        grads = torch.autograd.grad(loss, [h, *params])
+        return loss.detach(), grads
+
+    return step
+
+
+@pytest.mark.benchmark(group="smoothed-loss")
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_smoothed_loss_dense(benchmark, smoothing_inputs, eps):
+    """fwd + bwd of ``F.cross_entropy(linear(h), y, label_smoothing=eps)`` (the dense baseline)."""
+    hidden, target = smoothing_inputs
+    dense = torch.nn.Linear(D, V)
+    params = list(dense.parameters())
+    fn = _fwd_bwd(lambda h: F.cross_entropy(dense(h), target, label_smoothing=eps), hidden, params)
+    loss, _ = run(benchmark, fn)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.benchmark(group="smoothed-loss")
+@pytest.mark.parametrize("arity", [2, 128])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_smoothed_loss_hs(benchmark, smoothing_inputs, arity, eps):
+    """fwd + bwd of the tree head's loss; eps > 0 adds the exact mean over all V leaves."""
+    hidden, target = smoothing_inputs
+    head = HierarchicalSoftmax(D, Tree.balanced(V, arity))
+    params = list(head.parameters())
+    loss, _ = run(
+        benchmark, _fwd_bwd(lambda h: head(h, target, label_smoothing=eps), hidden, params)
+    )
+    assert torch.isfinite(loss)
