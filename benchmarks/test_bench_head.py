@@ -1,6 +1,6 @@
 """Exact top-k and rank of the hierarchical-softmax head against a dense ``Linear`` head.
 
-Run: ``PYTHONPATH=. pytest benchmarks/test_bench_head.py --benchmark-only`` (about 15 s on a
+Run: ``PYTHONPATH=. pytest benchmarks/test_bench_head.py --benchmark-only`` (about 25 s on a
 quiet machine, up to 150 s when the cores are shared).
 
 Setting (the issue's): V = 15,584 classes, D = 112, B = 1,024 queries, 2 threads, float32, a

@@ -173,6 +173,21 @@ HSM_ALWAYS_INLINE Key heap_pop(std::vector<Key>& heap, const Less& less) {
   return top;
 }
 
+// Inserts `key` into a max-heap under `less` (sift-up: a new entry is usually a poor one and
+// stops after a comparison or two).
+template <typename Key, typename Less>
+HSM_ALWAYS_INLINE void heap_push(std::vector<Key>& heap, Key key, const Less& less) {
+  size_t hole = heap.size();
+  heap.push_back(key);
+  while (hole > 0) {
+    const size_t parent = (hole - 1) / 2;
+    if (!less(heap[parent], key)) break;
+    heap[hole] = heap[parent];
+    hole = parent;
+  }
+  heap[hole] = key;
+}
+
 // Requests the first rows of internal node `node` (at most kMaxRows), to be scored soon.
 template <typename scalar_t>
 HSM_ALWAYS_INLINE void prefetch_node_rows(const SearchArgs<scalar_t>& a, int64_t node) {
@@ -220,10 +235,6 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
     const int c = child_log_probs<scalar_t, acc_t>(a, h, cur.node, local);
     const int64_t first = a.child_ptr[cur.node - a.num_leaves];
     Entry<acc_t> best{acc_t(0), -1};
-    auto heap_push = [&](const Entry<acc_t>& e) {
-      s.heap.push_back(Codec::encode(e, a.num_leaves));
-      std::push_heap(s.heap.begin(), s.heap.end(), less);
-    };
     for (int j = 0; j < c; ++j) {
       const Entry<acc_t> e{cur.log_prob + local[j], a.children[first + j]};
       // Strictly below the k-th best known leaf: nothing in there can make the top k.
@@ -239,10 +250,10 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
       if (best.node < 0) {
         best = e;
       } else if (after(best, e)) {
-        heap_push(best);
+        heap_push(s.heap, Codec::encode(best, a.num_leaves), less);
         best = e;
       } else {
-        heap_push(e);
+        heap_push(s.heap, Codec::encode(e, a.num_leaves), less);
       }
     }
     if (best.node >= 0 &&
@@ -251,7 +262,7 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
       prefetch_node_rows(a, s.cur.node);
       return true;
     }
-    if (best.node >= 0) heap_push(best);
+    if (best.node >= 0) heap_push(s.heap, Codec::encode(best, a.num_leaves), less);
   }
   // The k leaves that set the pruning bound are never pruned, so k leaves always come out.
   TORCH_INTERNAL_ASSERT(!s.heap.empty(), "topk_leaves found ", s.found, " < k = ", k, " leaves");
