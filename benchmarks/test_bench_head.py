@@ -18,6 +18,9 @@ weights. The tree search's cost does, so the HS head is timed with three sets of
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,3 +192,90 @@ def test_smoothed_loss_hs(benchmark, smoothing_inputs, arity, eps):
         benchmark, _fwd_bwd(lambda h: head(h, target, label_smoothing=eps), hidden, params)
     )
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------ a head trained by the trainer
+# HSOFTMAX_BENCH_RUN=results/diy/runs/hs-binary-seed0 PYTHONPATH=. \
+#     pytest benchmarks/test_bench_head.py -k trained --benchmark-only
+# times the head of a real run on its own test hidden states, with both search modes (skipped
+# when the variable is not set).
+
+TRAINED_RUN = os.environ.get("HSOFTMAX_BENCH_RUN")  # a run directory of `hsoftmax train`
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The tree head of a real training run (its best checkpoint) and B hidden states of the
+    run's test samples: set ``HSOFTMAX_BENCH_RUN=<run dir>`` (a run with ``model.head=hsoftmax``,
+    e.g. one of ``benchmarks/compare_heads.py``'s)."""
+    if not TRAINED_RUN:
+        pytest.skip("set HSOFTMAX_BENCH_RUN=<run directory of a tree-head training> to time it")
+    from hsoftmax.data import MobilityDataset, collate
+    from hsoftmax.models import build_model
+    from hsoftmax.training import load_checkpoint, load_config, load_data
+
+    torch.set_num_threads(THREADS)
+    run = Path(TRAINED_RUN)
+    cfg = load_config(run / "config.yaml")
+    if cfg["model"]["head"] != "hsoftmax":
+        pytest.skip(f"{run} trained a {cfg['model']['head']} head, not a tree")
+    ckpt = load_checkpoint(run / "ckpt.pt")
+    data = load_data(cfg["data"], progress=False)
+    model = build_model(cfg["model"], data)
+    model.load_state_dict(ckpt["best_model"] or ckpt["model"])
+    model.eval()
+    test = MobilityDataset(data.test, max_len=cfg["data"]["max_len"])
+    batch = collate([test[i] for i in range(min(B, len(test)))])
+    with torch.no_grad():
+        hidden = model.hidden_and_window(batch)[0].contiguous()
+        head = model.head
+        lp = head.log_prob_all(hidden[:256])
+    info = {
+        "run": str(run),
+        "epochs_trained": ckpt["epoch"],
+        "tree": cfg["model"]["tree"],
+        "entropy_nats": round(float(-(lp.exp() * lp).sum(1).mean()), 3),
+        "top1_prob": round(float(lp.max(1).values.exp().mean()), 4),
+    }
+    dense = torch.nn.Linear(hidden.shape[1], head.num_classes)
+    return {"head": head, "hidden": hidden, "target": batch["y"], "info": info, "dense": dense}
+
+
+@pytest.mark.benchmark(group="topk-trained")
+def test_topk_trained_dense(benchmark, trained):
+    weight, bias, hidden = trained["dense"].weight, trained["dense"].bias, trained["hidden"]
+    with torch.no_grad():
+        run(benchmark, lambda: torch.topk(F.linear(hidden, weight, bias), K, dim=1))
+
+
+@pytest.mark.benchmark(group="topk-trained")
+@pytest.mark.parametrize("search", ["tree", "dense"])
+def test_topk_trained_hs(benchmark, trained, search):
+    head, hidden = trained["head"], trained["hidden"]
+    head.search = search
+    values, indices = run(benchmark, lambda: head.topk(hidden, K))
+    benchmark.extra_info.update(trained["info"])
+    assert indices.shape == (hidden.shape[0], K)
+
+
+@pytest.mark.benchmark(group="rank-trained")
+def test_rank_trained_dense(benchmark, trained):
+    weight, bias, hidden = trained["dense"].weight, trained["dense"].bias, trained["hidden"]
+    target = trained["target"]
+
+    def dense_rank():
+        logits = F.linear(hidden, weight, bias)
+        return (logits > logits.gather(1, target[:, None])).sum(1) + 1
+
+    with torch.no_grad():
+        run(benchmark, dense_rank)
+
+
+@pytest.mark.benchmark(group="rank-trained")
+@pytest.mark.parametrize("search", ["tree", "dense"])
+def test_rank_trained_hs(benchmark, trained, search):
+    head, hidden, target = trained["head"], trained["hidden"], trained["target"]
+    head.search = search
+    rank = run(benchmark, lambda: head.rank(hidden, target))
+    benchmark.extra_info.update(trained["info"])
+    benchmark.extra_info["median_rank"] = float(rank.float().median())

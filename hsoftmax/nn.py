@@ -246,10 +246,19 @@ class HierarchicalSoftmax(_Head):
     ``log_prob_all`` then a tie-aware top-k / comparison count). ``log_prob_all`` and label
     smoothing score every row with one matmul, then work level by level over the tree.
 
+    ``search`` (``"tree"``, the default, or ``"dense"``; an attribute, settable at any time)
+    picks how the CPU answers ``topk`` and ``rank``: the pruned tree search, or the dense fallback
+    above. The search wins when the head is peaked (few subtrees can hold the top k); when it is
+    nearly flat it expands almost every node, re-reading the weight matrix once per example,
+    and the dense fallback (one matmul over the batch) is faster. Both are exact; each is
+    consistent between ``topk`` and ``rank`` (ties are bit-equality of that mode's log-probs).
+
     The tree is stored in the ``state_dict`` (buffers ``tree_parents``, ``tree_num_leaves``):
     loading a state dict replaces this head's tree, and :meth:`from_state_dict` rebuilds a head
     without the tree file.
     """
+
+    SEARCHES = ("tree", "dense")
 
     def __init__(
         self,
@@ -258,8 +267,10 @@ class HierarchicalSoftmax(_Head):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        search: str = "tree",
     ):
         super().__init__()
+        self.search = search
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(tree, Tree):
@@ -332,6 +343,7 @@ class HierarchicalSoftmax(_Head):
             bias=self.bias is not None,
             device=self.weight.device,
             dtype=self.weight.dtype,
+            search=self.search,
         )
         with torch.no_grad():
             head.weight.copy_(weight)
@@ -395,6 +407,7 @@ class HierarchicalSoftmax(_Head):
         return (
             f"in_features={self.in_features}, num_leaves={self.num_leaves}, "
             f"depth={self.tree.depth}, bias={self.bias is not None}"
+            + ("" if self.search == "tree" else f", search={self.search!r}")
         )
 
     # ------------------------------------------------------------------ math
@@ -402,41 +415,25 @@ class HierarchicalSoftmax(_Head):
     def _log_prob(self, hidden, target):
         return path_log_prob(hidden, self.weight, self.bias, self.tree, target)
 
-    def _edge_log_probs(self, hidden) -> tuple[torch.Tensor, _FlatTree]:
-        """(E, B) ``log p(child | parent)`` of every edge, rows in the level order of
-        :class:`_FlatTree`. Node-major (E, B) so that every gather below copies whole rows."""
-        flat = self._flat(hidden.device)
-        scores = self.weight @ hidden.T  # (V - 1, B): one matmul scores every row
-        if self.bias is not None:
-            scores = scores + self.bias[:, None]
-        if scores.dtype in (torch.float16, torch.bfloat16):
-            scores = scores.float()
-        batch = hidden.shape[0]
-        # One log-softmax per group of nodes with the same number of children c (few groups in
-        # practice): (nodes, c - 1, B) logits, the first child's 0 prepended.
-        parts = []
-        for c, rows in flat.groups:
-            nodes = rows.shape[0] // (c - 1)
-            z = scores.index_select(0, rows).view(nodes, c - 1, batch)
-            z = torch.cat([z.new_zeros((nodes, 1, batch)), z], dim=1)
-            parts.append(z.log_softmax(dim=1).view(nodes * c, batch))
-        local = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return local.index_select(0, flat.perm), flat
-
     def _log_prob_all(self, hidden):
         batch = hidden.shape[0]
         if self.num_leaves == 1:
             return hidden.new_zeros((batch, 1))
-        local, flat = self._edge_log_probs(hidden)
-        # Level by level: the log-prob of an edge's child is its parent's plus its own local one.
+        flat = self._flat(hidden.device)
+        z, lse, _ = self._node_logits(hidden)
+        # (B, E) log p(child | parent) of every edge in level order: the child's logit (0 for
+        # child 0) minus its parent's log-sum-exp
+        logit = torch.where(flat.edge_zuse, z.index_select(1, flat.edge_zcol), 0.0)
+        local = logit - lse.index_select(1, flat.edge_lcol)
+        # Level by level, root down: an edge's child log-prob is its parent's plus its own.
         levels = []
         for d, (start, end) in enumerate(flat.level_bounds):
-            here = local[start:end]
+            here = local[:, start:end]
             if d > 0:
-                here = here + levels[d - 1].index_select(0, flat.parent_edge[start:end])
+                here = here + levels[d - 1].index_select(1, flat.parent_edge[start:end])
             levels.append(here)
-        node_major = torch.cat(levels).index_select(0, flat.leaf_edge)  # (V, B)
-        return node_major.T.contiguous().to(hidden.dtype)
+        every = levels[0] if len(levels) == 1 else torch.cat(levels, dim=1)
+        return every.index_select(1, flat.leaf_edge).to(hidden.dtype)
 
     def _nll_and_smoothing(self, hidden, target):
         nll = -self._log_prob(hidden, target)
@@ -477,7 +474,7 @@ class HierarchicalSoftmax(_Head):
             if b.width == 1:
                 lse = F.softplus(z, threshold=cut)  # log(1 + e^z), binary nodes
             else:
-                zz = z.view(batch, -1, b.width)
+                zz = z.view(batch, b.nodes.size, b.width)
                 if b.pad is not None:
                     zz = zz.masked_fill(b.pad, -math.inf)
                 lse = F.softplus(torch.logsumexp(zz, dim=-1), threshold=cut)  # log(1 + sum e^z)
@@ -512,13 +509,24 @@ class HierarchicalSoftmax(_Head):
             self._cache[key] = paths
         return paths
 
+    @property
+    def search(self) -> str:
+        """How ``topk`` and ``rank`` run on the CPU: ``"tree"`` (pruned search) or ``"dense"``."""
+        return self._search
+
+    @search.setter
+    def search(self, value: str) -> None:
+        if value not in self.SEARCHES:
+            raise ValueError(f"search must be one of {self.SEARCHES}, got {value!r}")
+        self._search = value
+
     def _topk(self, hidden, k):
-        if hidden.device.type != "cpu":
+        if hidden.device.type != "cpu" or self._search == "dense":
             return super()._topk(hidden, k)
         return _search_ops.topk_leaves(hidden, self.weight, self.bias, self._search_tree(), k)
 
     def _rank(self, hidden, target):
-        if hidden.device.type != "cpu":
+        if hidden.device.type != "cpu" or self._search == "dense":
             return super()._rank(hidden, target)
         return _search_ops.leaf_rank(hidden, self.weight, self.bias, self._search_tree(), target)
 
@@ -532,8 +540,9 @@ class _FlatTree:
     position, within the previous level's range, of the edge into e's parent node.
     """
 
-    groups: tuple[tuple[int, torch.Tensor], ...]  # (c, weight rows of the nodes with c children)
-    perm: torch.Tensor  # (E,) int64: row of each level-order edge in the groups' output
+    edge_zcol: torch.Tensor  # (E,) int64: column of _node_logits' z of each level-order edge
+    edge_zuse: torch.Tensor  # (E,) bool: False for a child 0 (its logit is the implicit 0)
+    edge_lcol: torch.Tensor  # (E,) int64: column of _node_logits' lse of the edge's parent
     parent_edge: torch.Tensor  # (E,) int64 (0 on level 0, unused there)
     leaf_edge: torch.Tensor  # (V,) int64: the level-order edge into each leaf
     level_bounds: tuple[tuple[int, int], ...]
@@ -548,17 +557,6 @@ class _FlatTree:
         counts = np.diff(child_ptr)
         node_row_ptr = child_ptr - np.arange(child_ptr.size)  # node i owns c_i - 1 rows
         parent_of = np.repeat(np.arange(n - v), counts)  # per CSR edge (children_flat order)
-
-        # group the internal nodes by their number of children
-        groups, group_row = [], np.empty(children.size, dtype=np.int64)
-        offset = 0
-        for c in np.unique(counts):
-            nodes = np.flatnonzero(counts == c)
-            rows = (node_row_ptr[nodes][:, None] + np.arange(c - 1)).ravel()
-            edges = (child_ptr[nodes][:, None] + np.arange(c)).ravel()
-            group_row[edges] = offset + np.arange(edges.size)
-            offset += edges.size
-            groups.append((int(c), torch.as_tensor(rows, dtype=torch.int64, device=device)))
 
         # breadth-first: the CSR edges out of each level's internal nodes
         order_parts, bounds = [], []
@@ -595,12 +593,17 @@ class _FlatTree:
         def tensor(a, dtype=torch.int64):
             return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
+        smooth = _SmoothBucket.build_all(
+            counts, node_row_ptr, leaves[children] / v, child_ptr, device
+        )
+        zcol0, lcol = _SmoothBucket.columns(smooth, n - v)
+        parent = parent_of[order]
+        position = order - child_ptr[parent]  # child position among its siblings
         return _FlatTree(
-            smooth=_SmoothBucket.build_all(
-                counts, node_row_ptr, leaves[children] / v, child_ptr, device
-            ),
-            groups=tuple(groups),
-            perm=tensor(group_row[order]),
+            smooth=smooth,
+            edge_zcol=tensor(np.where(position >= 1, zcol0[parent] + position - 1, 0)),
+            edge_zuse=tensor(position >= 1, torch.bool),
+            edge_lcol=tensor(lcol[parent]),
             parent_edge=tensor(parent_edge),
             leaf_edge=tensor(level_index[edge_into[:v]] if n > 1 else np.zeros(v, np.int64)),
             level_bounds=tuple(bounds),
@@ -661,6 +664,20 @@ class _SmoothBucket:
             )
         return tuple(buckets)
 
+    @staticmethod
+    def columns(buckets: tuple[_SmoothBucket, ...], internal: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per internal node: the column of its first logit in the concatenated z, and of its
+        log-sum-exp in the concatenated lse (:meth:`HierarchicalSoftmax._node_logits`)."""
+        zcol0 = np.zeros(internal, dtype=np.int64)
+        lcol = np.zeros(internal, dtype=np.int64)
+        zoff = loff = 0
+        for b in buckets:
+            zcol0[b.nodes] = zoff + np.arange(b.nodes.size) * b.width
+            lcol[b.nodes] = loff + np.arange(b.nodes.size)
+            zoff += b.nodes.size * b.width
+            loff += b.nodes.size
+        return zcol0, lcol
+
     def to(self, device: torch.device) -> _SmoothBucket:
         def move(t):
             return None if t is None else t.to(device)
@@ -689,15 +706,7 @@ class _LeafPaths:
 
     @staticmethod
     def build(tree: Tree, buckets: tuple[_SmoothBucket, ...], device) -> _LeafPaths:
-        internal = tree.num_nodes - tree.num_leaves
-        zcol0 = np.zeros(internal, dtype=np.int64)  # column of each node's first logit
-        lcol = np.zeros(internal, dtype=np.int64)
-        zoff = loff = 0
-        for b in buckets:
-            zcol0[b.nodes] = zoff + np.arange(b.nodes.size) * b.width
-            lcol[b.nodes] = loff + np.arange(b.nodes.size)
-            zoff += b.nodes.size * b.width
-            loff += b.nodes.size
+        zcol0, lcol = _SmoothBucket.columns(buckets, tree.num_nodes - tree.num_leaves)
         compiled = tree.compiled("cpu")
         ptr = compiled.leaf_path_ptr.numpy()
         node = compiled.path_node.numpy().astype(np.int64)
@@ -720,10 +729,10 @@ class _LeafPaths:
 
 @torch.compiler.disable
 def _move_flat(flat: _FlatTree, device: torch.device) -> _FlatTree:
-    moved = {name: getattr(flat, name).to(device) for name in ("perm", "parent_edge", "leaf_edge")}
-    groups = tuple((c, rows.to(device)) for c, rows in flat.groups)
+    names = ("edge_zcol", "edge_zuse", "edge_lcol", "parent_edge", "leaf_edge")
+    moved = {name: getattr(flat, name).to(device) for name in names}
     smooth = tuple(b.to(device) for b in flat.smooth)
-    return _FlatTree(groups=groups, level_bounds=flat.level_bounds, smooth=smooth, **moved)
+    return _FlatTree(level_bounds=flat.level_bounds, smooth=smooth, **moved)
 
 
 class DenseSoftmax(_Head):
@@ -782,25 +791,50 @@ class DenseSoftmax(_Head):
 
 def topk_by_id(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of ``scores`` (B, V) ordered by score descending, then column id
-    ascending (``torch.topk`` leaves ties in no particular order). NaN counts as -inf."""
-    batch, v = scores.shape
-    scores = torch.where(scores.isnan(), float("-inf"), scores)
-    kth = torch.topk(scores, k, dim=1).values[:, -1:]
-    greater = scores > kth
-    equal = scores == kth
-    need = k - greater.sum(1, keepdim=True)
-    take = greater | (equal & (equal.cumsum(1) <= need))  # the first `need` ties by id
-    indices = take.nonzero()[:, 1].view(batch, k)  # ascending ids per row
+    ascending (``torch.topk`` leaves ties in no particular order). NaN counts as -inf.
+
+    ``torch.topk``'s set is the answer wherever exactly k scores are >= its k-th value (one
+    comparison pass); only rows with ties across the k-th place take the slower exact path."""
+    scores = _nan_to_neg_inf(scores)
+    top_values, top_indices = torch.topk(scores, k, dim=1)
+    ambiguous = (scores >= top_values[:, -1:]).sum(1) != k
+    if bool(ambiguous.any()):
+        rows = ambiguous.nonzero()[:, 0]
+        top_indices = top_indices.clone()
+        top_indices[rows] = _topk_ids_with_ties(scores[rows], k)
+    indices = top_indices.sort(dim=1).values  # by id, so a stable sort by value keeps id order
     values = scores.gather(1, indices)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices
     return values.gather(1, order), indices.gather(1, order)
 
 
+def _topk_ids_with_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) the ids of each row's top k, ties at the k-th place resolved by lower id."""
+    batch = scores.shape[0]
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    greater = scores > kth
+    equal = scores == kth
+    need = k - greater.sum(1, keepdim=True)
+    take = greater | (equal & (equal.cumsum(1) <= need))  # the first `need` ties by id
+    return take.nonzero()[:, 1].view(batch, k)
+
+
+def _nan_to_neg_inf(scores: torch.Tensor) -> torch.Tensor:
+    if scores.numel() and bool(scores.isnan().any()):
+        return torch.where(scores.isnan(), float("-inf"), scores)
+    return scores
+
+
 def rank_by_id(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) 1-based rank of ``target`` in each row of ``scores`` under :func:`topk_by_id`'s
-    order."""
-    scores = torch.where(scores.isnan(), float("-inf"), scores)
+    order: 1 + #{higher} + #{equal with a lower id} (the id test only on rows with a tie)."""
+    scores = _nan_to_neg_inf(scores)
     mine = scores.gather(1, target[:, None])
-    ids = torch.arange(scores.shape[1], device=scores.device)
-    before = (scores > mine) | ((scores == mine) & (ids < target[:, None]))
-    return before.sum(1) + 1
+    rank = (scores > mine).sum(1) + 1
+    tied = (scores == mine).sum(1) > 1
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        ids = torch.arange(scores.shape[1], device=scores.device)
+        lower = (scores[rows] == mine[rows]) & (ids < target[rows, None])
+        rank[rows] += lower.sum(1)
+    return rank
