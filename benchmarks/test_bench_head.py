@@ -197,8 +197,8 @@ def test_smoothed_loss_hs(benchmark, smoothing_inputs, arity, eps):
 # ------------------------------------------------------------------ a head trained by the trainer
 # HSOFTMAX_BENCH_RUN=results/diy/runs/hs-binary-seed0 PYTHONPATH=. \
 #     pytest benchmarks/test_bench_head.py -k trained --benchmark-only
-# times the head of a real run on its own test hidden states, with both search modes (skipped
-# when the variable is not set).
+# times the head of a real run on its own test hidden states (skipped when the variable is not
+# set).
 
 TRAINED_RUN = os.environ.get("HSOFTMAX_BENCH_RUN")  # a run directory of `hsoftmax train`
 
@@ -249,10 +249,8 @@ def test_topk_trained_dense(benchmark, trained):
 
 
 @pytest.mark.benchmark(group="topk-trained")
-@pytest.mark.parametrize("search", ["tree", "dense"])
-def test_topk_trained_hs(benchmark, trained, search):
+def test_topk_trained_hs(benchmark, trained):
     head, hidden = trained["head"], trained["hidden"]
-    head.search = search
     values, indices = run(benchmark, lambda: head.topk(hidden, K))
     benchmark.extra_info.update(trained["info"])
     assert indices.shape == (hidden.shape[0], K)
@@ -272,10 +270,8 @@ def test_rank_trained_dense(benchmark, trained):
 
 
 @pytest.mark.benchmark(group="rank-trained")
-@pytest.mark.parametrize("search", ["tree", "dense"])
-def test_rank_trained_hs(benchmark, trained, search):
+def test_rank_trained_hs(benchmark, trained):
     head, hidden, target = trained["head"], trained["hidden"], trained["target"]
-    head.search = search
     rank = run(benchmark, lambda: head.rank(hidden, target))
     benchmark.extra_info.update(trained["info"])
     benchmark.extra_info["median_rank"] = float(rank.float().median())

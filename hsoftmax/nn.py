@@ -246,19 +246,10 @@ class HierarchicalSoftmax(_Head):
     ``log_prob_all`` then a tie-aware top-k / comparison count). ``log_prob_all`` and label
     smoothing score every row with one matmul, then work level by level over the tree.
 
-    ``search`` (``"tree"``, the default, or ``"dense"``; an attribute, settable at any time)
-    picks how the CPU answers ``topk`` and ``rank``: the pruned tree search, or the dense fallback
-    above. The search wins when the head is peaked (few subtrees can hold the top k); when it is
-    nearly flat it expands almost every node, re-reading the weight matrix once per example,
-    and the dense fallback (one matmul over the batch) is faster. Both are exact; each is
-    consistent between ``topk`` and ``rank`` (ties are bit-equality of that mode's log-probs).
-
     The tree is stored in the ``state_dict`` (buffers ``tree_parents``, ``tree_num_leaves``):
     loading a state dict replaces this head's tree, and :meth:`from_state_dict` rebuilds a head
     without the tree file.
     """
-
-    SEARCHES = ("tree", "dense")
 
     def __init__(
         self,
@@ -267,10 +258,8 @@ class HierarchicalSoftmax(_Head):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        search: str = "tree",
     ):
         super().__init__()
-        self.search = search
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(tree, Tree):
@@ -343,7 +332,6 @@ class HierarchicalSoftmax(_Head):
             bias=self.bias is not None,
             device=self.weight.device,
             dtype=self.weight.dtype,
-            search=self.search,
         )
         with torch.no_grad():
             head.weight.copy_(weight)
@@ -407,7 +395,6 @@ class HierarchicalSoftmax(_Head):
         return (
             f"in_features={self.in_features}, num_leaves={self.num_leaves}, "
             f"depth={self.tree.depth}, bias={self.bias is not None}"
-            + ("" if self.search == "tree" else f", search={self.search!r}")
         )
 
     # ------------------------------------------------------------------ math
@@ -509,24 +496,13 @@ class HierarchicalSoftmax(_Head):
             self._cache[key] = paths
         return paths
 
-    @property
-    def search(self) -> str:
-        """How ``topk`` and ``rank`` run on the CPU: ``"tree"`` (pruned search) or ``"dense"``."""
-        return self._search
-
-    @search.setter
-    def search(self, value: str) -> None:
-        if value not in self.SEARCHES:
-            raise ValueError(f"search must be one of {self.SEARCHES}, got {value!r}")
-        self._search = value
-
     def _topk(self, hidden, k):
-        if hidden.device.type != "cpu" or self._search == "dense":
+        if hidden.device.type != "cpu":
             return super()._topk(hidden, k)
         return _search_ops.topk_leaves(hidden, self.weight, self.bias, self._search_tree(), k)
 
     def _rank(self, hidden, target):
-        if hidden.device.type != "cpu" or self._search == "dense":
+        if hidden.device.type != "cpu":
             return super()._rank(hidden, target)
         return _search_ops.leaf_rank(hidden, self.weight, self.bias, self._search_tree(), target)
 

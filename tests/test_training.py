@@ -163,15 +163,6 @@ def test_config_overrides_and_unknown_keys():
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="logit_add"):
         load_config(None, ["model.history=logit_add"])
-    with pytest.raises(ConfigError, match="model.tree_search must be one of"):
-        load_config(None, ["model.tree_search=beam"])
-
-
-def test_tree_search_key_reaches_the_head(cache_dir, tmp_path):
-    data = load_preset("small", seed=0, cache_dir=cache_dir, progress=False)
-    for search in ("tree", "dense"):
-        cfg = small_config(cache_dir, tmp_path, f"model.tree_search={search}")
-        assert build_model(cfg["model"], data).head.search == search
 
 
 @pytest.mark.parametrize("name", PACKAGED_CONFIGS)

@@ -47,9 +47,6 @@ MODEL_DEFAULTS: dict = {
     "tree_arity": 2,  # balanced and huffman trees
     "tree_branching": 128,  # kmeans tree: int, list of ints, or "binary"
     "tree_seed": 0,
-    # how topk/rank (the metrics) run on the CPU: "tree" (pruned search; fast for a peaked head)
-    # or "dense" (one matmul over the batch; faster when the head is nearly flat)
-    "tree_search": "tree",
     "history": "mixture",  # none | mixture | logit_add (dense head only)
 }
 
@@ -110,7 +107,7 @@ def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
             tree = build_tree(
                 cfg["tree"], data, cfg["tree_arity"], cfg["tree_branching"], cfg["tree_seed"]
             )
-        return HierarchicalSoftmax(d, tree, search=cfg.get("tree_search", "tree"))
+        return HierarchicalSoftmax(d, tree)
     raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")
 
 

@@ -142,16 +142,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _validate(cfg: dict) -> None:
     from hsoftmax.models.factory import HEADS, TREES
     from hsoftmax.models.history import HISTORY_KINDS
-    from hsoftmax.nn import HierarchicalSoftmax
 
     m, t = cfg["model"], cfg["train"]
-    searches = HierarchicalSoftmax.SEARCHES
-    for key, allowed in (
-        ("head", HEADS),
-        ("tree", TREES),
-        ("history", HISTORY_KINDS),
-        ("tree_search", searches),
-    ):
+    for key, allowed in (("head", HEADS), ("tree", TREES), ("history", HISTORY_KINDS)):
         if m[key] not in allowed:
             raise ConfigError(f"model.{key} must be one of {allowed}, got {m[key]!r}")
     if m["history"] == "logit_add" and m["head"] != "dense":
