@@ -106,6 +106,17 @@ def run(benchmark, fn):
     return benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
+def dense_rank(benchmark, weight, bias, hidden, target):
+    """Times the dense baseline of ``rank``: all logits, then a comparison count."""
+
+    def rank():
+        logits = F.linear(hidden, weight, bias)
+        return (logits > logits.gather(1, target[:, None])).sum(1) + 1
+
+    with torch.no_grad():
+        run(benchmark, rank)
+
+
 @pytest.mark.benchmark(group="topk")
 def test_topk_dense(benchmark, setting):
     weight, bias = setting["dense"]
@@ -126,14 +137,7 @@ def test_topk_hs(benchmark, setting, weights):
 @pytest.mark.benchmark(group="rank")
 def test_rank_dense(benchmark, setting):
     weight, bias = setting["dense"]
-    hidden, target = setting["hidden"], setting["targets"]["random"]
-
-    def dense_rank():
-        logits = F.linear(hidden, weight, bias)
-        return (logits > logits.gather(1, target[:, None])).sum(1) + 1
-
-    with torch.no_grad():
-        run(benchmark, dense_rank)
+    dense_rank(benchmark, weight, bias, setting["hidden"], setting["targets"]["random"])
 
 
 @pytest.mark.benchmark(group="rank")
@@ -258,15 +262,8 @@ def test_topk_trained_hs(benchmark, trained):
 
 @pytest.mark.benchmark(group="rank-trained")
 def test_rank_trained_dense(benchmark, trained):
-    weight, bias, hidden = trained["dense"].weight, trained["dense"].bias, trained["hidden"]
-    target = trained["target"]
-
-    def dense_rank():
-        logits = F.linear(hidden, weight, bias)
-        return (logits > logits.gather(1, target[:, None])).sum(1) + 1
-
-    with torch.no_grad():
-        run(benchmark, dense_rank)
+    dense = trained["dense"]
+    dense_rank(benchmark, dense.weight, dense.bias, trained["hidden"], trained["target"])
 
 
 @pytest.mark.benchmark(group="rank-trained")
