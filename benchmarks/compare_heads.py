@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import yaml
+
 # name -> config overrides (the seed's configuration otherwise)
 CONFIGS: dict[str, list[str]] = {
     "dense": ["model.head=dense", "model.history=none"],
@@ -46,9 +48,36 @@ CONFIGS: dict[str, list[str]] = {
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 
 
+def _requested(name: str, seed: int, args) -> list[str]:
+    """The config overrides that define this run (what a reused run must have been trained with)."""
+    return [
+        f"data.preset={args.preset}",
+        f"train.epochs={args.epochs}",
+        f"train.seed={seed}",
+        *CONFIGS[name],
+        *args.set,
+    ]
+
+
+def _check_reused(run_dir: Path, overrides: list[str]) -> None:
+    """Refuses to reuse a finished run trained with other settings (e.g. a 2-epoch run in a
+    100-epoch comparison): its recorded ``config.yaml`` must hold every requested override."""
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        have = recorded.get(section, {}).get(field, "<missing>")
+        if have != yaml.safe_load(value):
+            raise SystemExit(
+                f"{run_dir} was trained with {key}={have!r}, not {value!r}: use another --out "
+                "for a comparison with other settings"
+            )
+
+
 def run_one(name: str, seed: int, args, out: Path) -> dict:
     run_dir = out / "runs" / f"{name}-seed{seed}"
     if args.reuse and (run_dir / "test_metrics.json").exists():
+        _check_reused(run_dir, _requested(name, seed, args))
         return _result(name, seed, run_dir, wall_seconds=None)
     if args.reuse and (run_dir / "ckpt.pt").exists():  # interrupted: continue it exactly
         cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--resume", str(run_dir)]
@@ -57,14 +86,10 @@ def run_one(name: str, seed: int, args, out: Path) -> dict:
         cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
         sets = []
     sets += [
-        f"data.preset={args.preset}",
-        f"train.epochs={args.epochs}",
-        f"train.seed={seed}",
         f"output.run_dir={run_dir}",
         "train.progress=false",
         "train.val_metrics=false",
-        *CONFIGS[name],
-        *args.set,
+        *_requested(name, seed, args),
     ]
     for s in sets:
         cmd += ["--set", s]
