@@ -132,6 +132,10 @@ TORCH_LIBRARY(hsoftmax, m) {
       "leaf_rank(Tensor hidden, Tensor weight, Tensor? bias, Tensor child_ptr, Tensor children, "
       "Tensor node_row_ptr, Tensor leaf_path_ptr, Tensor path_node, Tensor path_choice, "
       "int root, Tensor target) -> Tensor");
+  // A random keep mask shaped like self (only its shape, dtype and device are read): each element
+  // is 0 or 1 / (1 - p), kept with probability 1 - p, a pure function of (seed, element index).
+  // CPU only; the model's dropout uses it in place of torch's much slower CPU bernoulli_.
+  m.def("dropout_mask(Tensor self, float p, int seed) -> Tensor");
   m.def("build_info() -> str", &build_info);
 }
 

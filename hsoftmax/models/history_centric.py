@@ -26,6 +26,7 @@ from .history import (
     PointerScorer,
     Window,
 )
+from .layers import Dropout, EncoderLayer, encode_packed
 
 __all__ = ["HistoryCentricModel", "HistoryEncoder"]
 
@@ -37,7 +38,9 @@ class HistoryEncoder(nn.Module):
 
     Input per stay: ``concat(loc_emb, user_emb, time_emb, weekday_emb, duration_emb, diff_emb)``
     -> ``Linear`` to ``d_model`` + sinusoidal position encoding -> ``num_layers`` pre-norm
-    transformer layers with a causal mask and a key-padding mask -> ``LayerNorm``. Histories are
+    transformer layers with a causal mask and a key-padding mask -> ``LayerNorm``. The layers are
+    :class:`~hsoftmax.models.layers.EncoderLayer` (``nn.TransformerEncoderLayer`` with a faster
+    CPU dropout; same parameters). Histories are
     right-padded, so the last real position of row b is ``lengths[b] - 1``; with the causal mask
     no real position attends to padding, and the key-padding mask makes that explicit.
     """
@@ -73,8 +76,8 @@ class HistoryEncoder(nn.Module):
         width += duration_emb_dim + diff_emb_dim
         self.input_proj = nn.Linear(width, d_model)
         self.register_buffer("position", _sinusoid(max_len, d_model), persistent=False)
-        self.dropout = nn.Dropout(dropout)
-        layer = nn.TransformerEncoderLayer(
+        self.dropout = Dropout(dropout)
+        layer = EncoderLayer(
             d_model, nhead, dim_feedforward, dropout, batch_first=True, norm_first=True
         )
         self.layers = nn.TransformerEncoder(
@@ -105,8 +108,11 @@ class HistoryEncoder(nn.Module):
         causal = torch.triu(
             torch.full((length, length), float("-inf"), device=x.device, dtype=h.dtype), 1
         )
-        pad = torch.zeros(mask.shape, device=x.device, dtype=h.dtype).masked_fill(~mask, -math.inf)
-        h = self.layers(h, mask=causal, src_key_padding_mask=pad)
+        if all(isinstance(layer, EncoderLayer) for layer in self.layers.layers):
+            h = encode_packed(self.layers, h, mask, causal)
+        else:  # a model built with plain nn.TransformerEncoderLayer
+            pad = torch.zeros(mask.shape, device=x.device, dtype=h.dtype)
+            h = self.layers(h, mask=causal, src_key_padding_mask=pad.masked_fill(~mask, -math.inf))
         if all_positions:
             return h
         last = (mask.sum(1) - 1).clamp(min=0)
