@@ -10,7 +10,8 @@ Markdown table plus the raw results as JSON:
     OMP_NUM_THREADS=1 python benchmarks/compare_heads.py --preset geolife --jobs 2 --reuse \\
         --set train.num_threads=1      # two trainings at once, one core each; resumable
 
-Columns: test Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
+Columns: the epochs each seed's run trained (early stopping ends a run before ``--epochs``), test
+Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
 mean ± standard deviation over seeds), trainable parameters, training seconds per epoch (training
 steps only, validation excluded; the median over the run's epochs, averaged over seeds; for a
 quiet-machine figure see ``benchmarks/test_bench_train_step.py``), and the peak resident memory
@@ -125,15 +126,15 @@ def _cell(values: list[float]) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| configuration | seeds | Acc@1 | Acc@5 | Acc@10 | MRR | NDCG@10 | F1 | parameters "
-        "| s/epoch | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | seeds | epochs | Acc@1 | Acc@5 | Acc@10 | MRR | NDCG@10 | F1 "
+        "| parameters | s/epoch | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["config"] for r in results):
         rows = [r for r in results if r["config"] == name]
         cells = [_cell([r["test"][m] for r in rows]) for m in METRICS]
         lines.append(
-            f"| {name} | {len(rows)} | "
+            f"| {name} | {len(rows)} | {'/'.join(str(r['epochs']) for r in rows)} | "
             + " | ".join(cells)
             + f" | {rows[0]['params']['total']:,} | "
             + f"{statistics.mean(r['seconds_per_epoch'] for r in rows):.1f} | "
