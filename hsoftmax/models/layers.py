@@ -63,10 +63,12 @@ class Dropout(nn.Dropout):
 class EncoderLayer(nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` whose dropouts use :func:`dropout`.
 
-    In training on CPU the self-attention is computed here (the same math as
-    ``nn.MultiheadAttention``: scaled dot product, additive masks, softmax, dropout on the
-    attention weights, output projection) so the attention-weight dropout can use the fast mask;
-    otherwise the parent's path runs (including its inference fast path).
+    ``forward`` (the padded layout): in training on CPU the self-attention is computed here (the
+    same math as ``nn.MultiheadAttention``: scaled dot product, additive masks, softmax, dropout
+    on the attention weights, output projection) so the attention-weight dropout can use the fast
+    mask; otherwise the parent's path runs (including its inference fast path).
+    ``forward_packed`` (what :func:`encode_packed`, hence the model, uses, in training and in
+    evaluation): the same layer on the real positions only, on any device.
     """
 
     def __init__(self, *args, **kwargs):
