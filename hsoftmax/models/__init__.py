@@ -3,7 +3,8 @@
 * :mod:`~hsoftmax.models.history_centric`: the transformer encoder and the model;
 * :mod:`~hsoftmax.models.history`: window scores, the pointer-generator mixture (any head) and
   the seed's logit addition (dense head);
-* :mod:`~hsoftmax.models.factory`: building a model from a config, parameter counts and budget.
+* :mod:`~hsoftmax.models.factory`: building a model from a config, parameter counts and budget;
+* :mod:`~hsoftmax.models.layers`: the encoder layer (packed positions, fast CPU dropout).
 """
 
 from .factory import (
@@ -28,10 +29,13 @@ from .history import (
     masked_logsumexp,
 )
 from .history_centric import HistoryCentricModel, HistoryEncoder
+from .layers import Dropout, EncoderLayer, dropout, encode_packed
 
 __all__ = [
     "HEADS",
     "HISTORY_KINDS",
+    "Dropout",
+    "EncoderLayer",
     "MODEL_DEFAULTS",
     "TREES",
     "HeadOnly",
@@ -47,6 +51,8 @@ __all__ = [
     "build_model",
     "build_tree",
     "check_budget",
+    "dropout",
+    "encode_packed",
     "masked_logsumexp",
     "parameter_report",
 ]
