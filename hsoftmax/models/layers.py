@@ -111,8 +111,9 @@ def encode_packed(
     batch, length, dim = x.shape
     index = valid.reshape(-1).nonzero().squeeze(1)
     tokens = x.reshape(batch * length, dim).index_select(0, index)
+    pad = _additive(~valid, x.dtype)  # once, not in every layer
     for layer in layers.layers:
-        tokens = layer.forward_packed(tokens, index, (batch, length), attn_mask, ~valid)
+        tokens = layer.forward_packed(tokens, index, (batch, length), attn_mask, pad)
     if layers.norm is not None:
         tokens = layers.norm(tokens)
     return x.new_zeros(batch * length, dim).index_copy(0, index, tokens).view(batch, length, dim)
