@@ -400,8 +400,11 @@ def test_empty_batch(kind):
 
 
 @pytest.mark.parametrize("kind", HEADS)
-def test_float32_topk_agrees_with_float64_up_to_rounding(kind):
-    tree = get_tree("V1000-random")
+@pytest.mark.parametrize("tree_name", ["V1000-random", "V64-binary"])
+def test_float32_topk_agrees_with_float64_up_to_rounding(kind, tree_name):
+    """float32 runs the SIMD dot products and the float heap keys; a binary tree takes the
+    two-child log-sigmoid branch at every node."""
+    tree = get_tree(tree_name)
     head64 = make_head(kind, tree, scale=3.0)
     head = copy.deepcopy(head64).float()
     hidden64, target = inputs(head64, batch=30, seed=16)

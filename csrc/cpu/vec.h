@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <cstring>
 
-// The Vec8f helpers are internal (never cross a library boundary): their ABI note is moot.
+// The Vec8f helpers are internal and always inlined: no call passes a vector across a library
+// boundary, or from an AVX clone into baseline code (which would expect it in other registers),
+// so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 // Helpers called from the HSM_CPU_CLONES functions must be inlined into them to be compiled for
@@ -57,26 +59,26 @@ HSM_ALWAYS_INLINE acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __re
 typedef float Vec8f __attribute__((vector_size(32)));
 static_assert(kLanes == 8, "Vec8f holds kLanes floats");
 
-inline Vec8f load8(const float* p) {
+HSM_ALWAYS_INLINE Vec8f load8(const float* p) {
   Vec8f v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
 // elements n .. n + 8 of p with those at or past `len` read as 0 (the tail of a row)
-inline Vec8f load8_tail(const float* p, int64_t len) {
+HSM_ALWAYS_INLINE Vec8f load8_tail(const float* p, int64_t len) {
   float buf[kLanes] = {};
   for (int64_t j = 0; j < len; ++j) buf[j] = p[j];
   return load8(buf);
 }
 
-inline float reduce8(Vec8f v) {
+HSM_ALWAYS_INLINE float reduce8(Vec8f v) {
   float lane[kLanes];
   std::memcpy(lane, &v, sizeof(v));
   return reduce_lanes(lane);
 }
 
-inline void store8(float* p, Vec8f v) { std::memcpy(p, &v, sizeof(v)); }
+HSM_ALWAYS_INLINE void store8(float* p, Vec8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 template <>
 HSM_ALWAYS_INLINE float dot<float, float>(const float* __restrict__ a, const float* __restrict__ b,
