@@ -9,6 +9,7 @@
 #include <torch/version.h>
 
 #include <string>
+#include <vector>
 
 #ifdef WITH_CUDA
 #include <cuda.h>  // CUDA_VERSION
@@ -89,6 +90,82 @@ void check_backward_args(const at::Tensor& grad_log_prob, const at::Tensor& grad
                   grad_log_prob.scalar_type() == hidden.scalar_type() &&
                   grad_log_prob.device() == hidden.device(),
               "grad_log_prob must have shape (B,) and hidden's dtype and device");
+}
+
+void check_target_paths(const int64_t* target, int64_t batch, const int32_t* node_row_ptr,
+                        int64_t num_internal, const int64_t* leaf_path_ptr, int64_t num_leaves,
+                        const int32_t* path_node, const int32_t* path_choice, int64_t num_entries,
+                        int64_t max_path_rows) {
+  const int64_t num_rows = num_leaves - 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t y = target[b];
+    TORCH_CHECK_INDEX(0 <= y && y < num_leaves, "target[", b, "] = ", y,
+                      " is out of range for a tree of ", num_leaves, " leaves");
+    const int64_t s0 = leaf_path_ptr[y], s1 = leaf_path_ptr[y + 1];
+    TORCH_CHECK(0 <= s0 && s0 <= s1 && s1 <= num_entries, "malformed tree: leaf_path_ptr[", y,
+                "], leaf_path_ptr[", y + 1, "] = ", s0, ", ", s1, " is not a range of the ",
+                num_entries, " path entries");
+    int64_t rows = 0;
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t node = path_node[s];
+      TORCH_CHECK(0 <= node && node < num_internal, "malformed tree: path_node[", s, "] = ", node,
+                  " is not an internal node in [0, ", num_internal, ")");
+      const int64_t r0 = node_row_ptr[node], r1 = node_row_ptr[node + 1];
+      TORCH_CHECK(0 <= r0 && r0 < r1 && r1 <= num_rows, "malformed tree: node_row_ptr[", node,
+                  "], node_row_ptr[", node + 1, "] = ", r0, ", ", r1,
+                  " is not a non-empty range of the ", num_rows, " weight rows");
+      const int64_t choice = path_choice[s];
+      TORCH_CHECK(0 <= choice && choice <= r1 - r0, "malformed tree: path_choice[", s,
+                  "] = ", choice, " but node ", node, " has ", r1 - r0 + 1, " children");
+      rows += r1 - r0;
+    }
+    TORCH_CHECK(rows <= max_path_rows, "the path of target ", y, " has ", rows,
+                " weight rows, more than max_path_rows = ", max_path_rows,
+                " (use the tree's max_path_rows)");
+  }
+}
+
+void check_child_lists(const int64_t* child_ptr, const int32_t* children,
+                       const int32_t* node_row_ptr, int64_t num_internal, int64_t num_leaves,
+                       int64_t root) {
+  const int64_t num_nodes = num_leaves + num_internal;
+  TORCH_CHECK(child_ptr[0] == 0 && node_row_ptr[0] == 0,
+              "malformed tree: child_ptr[0] and node_row_ptr[0] must be 0");
+  for (int64_t i = 0; i < num_internal; ++i) {
+    const int64_t c = child_ptr[i + 1] - child_ptr[i];
+    TORCH_CHECK(c >= 2, "malformed tree: internal node ", num_leaves + i, " has ", c,
+                " children (child_ptr), at least 2 are needed");
+    TORCH_CHECK(node_row_ptr[i + 1] - node_row_ptr[i] == c - 1, "malformed tree: node ",
+                num_leaves + i, " has ", c, " children but ", node_row_ptr[i + 1] - node_row_ptr[i],
+                " weight rows in node_row_ptr (needs ", c - 1, ")");
+  }
+  TORCH_CHECK(child_ptr[num_internal] == num_nodes - 1,
+              "malformed tree: child_ptr[M] = ", child_ptr[num_internal], ", the tree has ",
+              num_nodes - 1, " child slots");
+  // every node below the root is some node's child exactly once, and all are reached from it
+  std::vector<int32_t> parent(num_nodes, -1);
+  for (int64_t i = 0; i < num_internal; ++i) {
+    for (int64_t j = child_ptr[i]; j < child_ptr[i + 1]; ++j) {
+      const int64_t child = children[j];
+      TORCH_CHECK(0 <= child && child < num_nodes && child != root && parent[child] < 0,
+                  "malformed tree: children[", j, "] = ", child,
+                  " is out of range, the root, or a second entry of the same node");
+      parent[child] = static_cast<int32_t>(i);
+    }
+  }
+  std::vector<int64_t> stack{root};
+  int64_t reached = 0;
+  while (!stack.empty()) {
+    const int64_t node = stack.back();
+    stack.pop_back();
+    ++reached;
+    if (node < num_leaves) continue;
+    for (int64_t j = child_ptr[node - num_leaves]; j < child_ptr[node - num_leaves + 1]; ++j) {
+      stack.push_back(children[j]);
+    }
+  }
+  TORCH_CHECK(reached == num_nodes, "malformed tree: only ", reached, " of the ", num_nodes,
+              " nodes are reached from root ", root);
 }
 
 // What this library was compiled against, read by hsoftmax/_build.py to refuse a mismatched

@@ -24,6 +24,20 @@ void check_backward_args(const at::Tensor& grad_log_prob, const at::Tensor& grad
                          const at::Tensor& path_node, const at::Tensor& path_choice,
                          const at::Tensor& target);
 
+// CPU tree arrays against each other, before a kernel indexes with them: every target in range,
+// and along its path (leaf_path_ptr -> path_node -> node_row_ptr -> path_choice) every index in
+// range, the path holding at most max_path_rows weight rows. O(B * depth).
+void check_target_paths(const int64_t* target, int64_t batch, const int32_t* node_row_ptr,
+                        int64_t num_internal, const int64_t* leaf_path_ptr, int64_t num_leaves,
+                        const int32_t* path_node, const int32_t* path_choice, int64_t num_entries,
+                        int64_t max_path_rows);
+
+// CPU child lists of the search ops: child_ptr (M + 1) / children (N - 1) / node_row_ptr (M + 1)
+// describe a tree whose root is `root` and that reaches all V leaves, each node once. O(N).
+void check_child_lists(const int64_t* child_ptr, const int32_t* children,
+                       const int32_t* node_row_ptr, int64_t num_internal, int64_t num_leaves,
+                       int64_t root);
+
 // The dtype of the saved gradient coefficients: float for float/half/bfloat16, double for double.
 at::ScalarType coef_dtype(at::ScalarType input);
 

@@ -213,8 +213,11 @@ class _Head(nn.Module):
         if target.dim() != ndim or target.shape[0] != batch:
             want = f"(B,) = ({batch},)" if ndim == 1 else f"(B, K) with B = {batch}"
             raise ValueError(f"{name} must have shape {want}, got {tuple(target.shape)}")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (int64), got {target.dtype}")
+        if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+            raise TypeError(
+                f"{name} must be an integer tensor (int64; uint8 and bool index as masks), "
+                f"got {target.dtype}"
+            )
         if target.device != hidden.device:
             raise ValueError(f"{name} is on {target.device} but hidden is on {hidden.device}")
         if target.numel() == 0 or torch.compiler.is_compiling():

@@ -59,6 +59,11 @@ def path_log_prob(
     _check_args(hidden, weight, bias, tree, target)
     if sparse_grad and hidden.device.type != "cpu":
         raise NotImplementedError("sparse_grad=True is implemented on CPU only")
+    if sparse_grad and not all(p is None or p.is_contiguous() for p in (weight, bias)):
+        raise ValueError(
+            "sparse_grad=True needs a contiguous weight and bias: a sparse gradient cannot flow "
+            "back through the copy that makes a strided one contiguous"
+        )
     compiled = tree.compiled(hidden.device)
     log_prob, _ = torch.ops.hsoftmax.path_log_prob_forward(
         hidden.contiguous(),
@@ -231,4 +236,22 @@ def _backward(ctx, grad_log_prob, _grad_coef):
 
 torch.library.register_autograd(
     "hsoftmax::path_log_prob_forward", _backward, setup_context=_setup_context
+)
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "double backward through hsoftmax path_log_prob (a second derivative, e.g. "
+        "torch.autograd.grad(..., create_graph=True) then backward) is not implemented"
+    )
+
+
+# Without this, a second derivative through the backward op would be silently dropped (None)
+# with only a warning; with it, only an actual double backward raises.
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "hsoftmax::path_log_prob_backward", _double_backward, setup_context=_no_context
 )

@@ -201,6 +201,8 @@ def test_log_prob_and_mean_bad_ids(kind):
         head.log_prob_and_mean(hidden, target)
     with pytest.raises(TypeError, match="ids must be an integer tensor"):
         head.log_prob_and_mean(hidden, target[:, None].float())
+    with pytest.raises(TypeError, match="uint8 and bool index as masks"):
+        head.log_prob_and_mean(hidden, target[:, None].to(torch.uint8))
     with pytest.raises(IndexError, match=r"ids\[2, 1\] = 7 is out of range for 7 classes"):
         head.log_prob_and_mean(hidden, torch.tensor([[0, 1], [2, 3], [4, 7]]))
 

@@ -212,6 +212,46 @@ def _check_mixture(mix, v, g):
     assert torch.equal(mix.rank(hidden, window, y), rank_by_id(all_lp, y))
 
 
+def test_mixture_rank_never_counts_the_target_against_itself():
+    """A target whose window holds it twice: its own positions are scored in another element
+    of the same vector op and may differ from its value by an ulp; they must not beat it."""
+    torch.manual_seed(0)
+    head = DenseSoftmax(3, 4, dtype=torch.float64)
+    mix = HistoryMixture(head, 3, scorer=HistoryScorer()).double()
+    for _ in range(50):
+        with torch.no_grad():
+            mix.gate.weight.normal_()
+        hidden = torch.randn(24, 3, dtype=torch.float64)
+        window = mix.scorer(torch.ones(24, 2, dtype=torch.long), torch.ones(24, 2, dtype=bool))
+        y = torch.ones(24, dtype=torch.long)
+        want = rank_by_id(mix.log_prob_all(hidden, window), y)
+        assert torch.equal(mix.rank(hidden, window, y), want)
+
+
+def test_mixture_with_an_empty_window_is_the_head():
+    g = torch.Generator().manual_seed(3)
+    head = HierarchicalSoftmax(6, random_tree(11, 2), dtype=torch.float64)
+    mix = HistoryMixture(head, 6, HistoryScorer()).double()
+    with torch.no_grad():
+        mix.gate.bias.fill_(1.5)  # g = 0.82 where a window exists
+    hidden = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    loc = torch.tensor([[3, 5, 0], [0, 0, 0], [7, 0, 0], [0, 0, 0]])
+    valid = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    window = mix.scorer(loc, valid)
+    all_lp = mix.log_prob_all(hidden, window)
+    torch.testing.assert_close(all_lp.exp().sum(1), torch.ones(4, dtype=torch.float64))
+    empty = torch.tensor([1, 3])
+    torch.testing.assert_close(all_lp[empty], head.log_prob_all(hidden[empty]))
+    y = torch.tensor([3, 4, 7, 9])
+    nll = mix(hidden, window, y, reduction="none")
+    torch.testing.assert_close(nll[empty], head(hidden[empty], y[empty], reduction="none"))
+    smoothed = mix(hidden, window, y, reduction="none", label_smoothing=0.1)
+    want = -(0.9 * all_lp.gather(1, y[:, None])[:, 0] + 0.1 * all_lp.mean(1))
+    torch.testing.assert_close(smoothed, want)
+    assert torch.equal(mix.rank(hidden, window, y), rank_by_id(all_lp, y))
+    assert torch.equal(mix.topk(hidden, window, 5)[1], topk_by_id(all_lp, 5)[1])
+
+
 @pytest.mark.parametrize("history", ["mixture", "logit_add"])
 def test_gradients_are_finite(history):
     head = "dense" if history == "logit_add" else "hsoftmax"

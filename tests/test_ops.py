@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -510,3 +511,120 @@ def test_sparse_grad_refused_on_cuda_before_kernel():
     hidden, weight, bias, target = make_inputs(tree, 3, 4, torch.float32, "meta")
     with pytest.raises(NotImplementedError, match="CPU only"):
         path_log_prob(hidden, weight, bias, tree, target, sparse_grad=True)
+
+
+# ------------------------------------------------------------ malformed tree arrays (direct ops)
+
+
+def _forward_raw(good, **arrays):
+    """torch.ops call with the tree's arrays, some replaced: no Python check runs."""
+    tree = good["tree"]
+    c = tree.compiled()
+    a = dict(
+        node_row_ptr=c.node_row_ptr,
+        leaf_path_ptr=c.leaf_path_ptr,
+        path_node=c.path_node,
+        path_choice=c.path_choice,
+        max_path_rows=tree.max_path_rows,
+    )
+    a.update(arrays)
+    return torch.ops.hsoftmax.path_log_prob_forward(
+        good["hidden"].detach(),
+        good["weight"].detach(),
+        None,
+        a["node_row_ptr"],
+        a["leaf_path_ptr"],
+        a["path_node"],
+        a["path_choice"],
+        good["target"],
+        a["max_path_rows"],
+    )
+
+
+def test_direct_op_refuses_malformed_tree_arrays(good):
+    """Arrays that would make the kernel read or write out of bounds are refused first."""
+    c = good["tree"].compiled()
+    with pytest.raises(RuntimeError, match="more than max_path_rows = 1"):
+        _forward_raw(good, max_path_rows=1)
+    with pytest.raises(RuntimeError, match=r"path_choice\[0\] = 5 but node"):
+        _forward_raw(good, path_choice=torch.full_like(c.path_choice, 5))
+    with pytest.raises(RuntimeError, match="is not an internal node"):
+        _forward_raw(good, path_node=torch.full_like(c.path_node, 99))
+    with pytest.raises(RuntimeError, match="is not a range of the"):
+        _forward_raw(good, leaf_path_ptr=c.leaf_path_ptr * 100)
+    with pytest.raises(RuntimeError, match="weight rows"):
+        _forward_raw(good, node_row_ptr=c.node_row_ptr * 50)
+    # the backward checks its coefficient width against the paths the same way
+    _, coef = _forward_raw(good)
+    with pytest.raises(RuntimeError, match="more than max_path_rows = 1"):
+        torch.ops.hsoftmax.path_log_prob_backward(
+            torch.ones(4),
+            coef[:, :1].contiguous(),
+            good["hidden"].detach(),
+            good["weight"].detach(),
+            c.node_row_ptr,
+            c.leaf_path_ptr,
+            c.path_node,
+            c.path_choice,
+            good["target"],
+            False,
+            [True, True, False],
+        )
+
+
+def test_search_ops_refuse_malformed_child_lists():
+    from hsoftmax._search_ops import leaf_rank, search_tree, topk_leaves
+
+    tree = Tree.balanced(16, 2)
+    st_ = search_tree(tree)
+    hidden, weight = torch.randn(2, 3), torch.randn(15, 3)
+    for wrong_root in (4, st_.root - 1):  # a leaf, an internal node below the root
+        with pytest.raises(RuntimeError, match=rf"children\[\d+\] = {wrong_root} is .* the root"):
+            topk_leaves(hidden, weight, None, dataclasses.replace(st_, root=wrong_root), 2)
+    # every node listed once, but nodes 5 and 3 hang off a cycle (5 is its own child)
+    small = search_tree(Tree.balanced(4, 2))
+    assert small.root == 6 and small.children.tolist() == [0, 1, 2, 3, 4, 5]
+    cyclic = dataclasses.replace(
+        small, children=torch.tensor([0, 1, 3, 5, 4, 2], dtype=torch.int32)
+    )
+    with pytest.raises(RuntimeError, match="only 5 of the 7 nodes are reached from root 6"):
+        topk_leaves(torch.randn(2, 3), torch.randn(3, 3), None, cyclic, 2)
+    children = st_.children.clone()
+    children[3] = children[4]
+    with pytest.raises(RuntimeError, match="a second entry of the same node"):
+        topk_leaves(hidden, weight, None, dataclasses.replace(st_, children=children), 2)
+    with pytest.raises(RuntimeError, match=r"path_choice\[\d+\] = 3 but node"):
+        leaf_rank(
+            hidden,
+            weight,
+            None,
+            dataclasses.replace(st_, path_choice=torch.full_like(st_.path_choice, 3)),
+            torch.tensor([0, 5]),
+        )
+    # the intact arrays still work
+    assert topk_leaves(hidden, weight, None, st_, 2)[1].shape == (2, 2)
+
+
+def test_double_backward_raises_instead_of_returning_none():
+    tree = get_tree("V7-ternary")
+    hidden, weight, bias, target = make_inputs(tree, 3, 4, torch.float64, "cpu")
+    hidden.requires_grad_()
+    (g,) = torch.autograd.grad(
+        path_log_prob(hidden, weight, bias, tree, target).sum(), hidden, create_graph=True
+    )
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad((g**2).sum(), [hidden, weight])
+
+
+def test_sparse_grad_refuses_strided_weight():
+    tree = get_tree("V7-ternary")
+    hidden, weight, bias, target = make_inputs(tree, 3, 4, torch.float32, "cpu")
+    strided = weight.detach().t().contiguous().t().requires_grad_()
+    with pytest.raises(ValueError, match="sparse_grad=True needs a contiguous weight"):
+        path_log_prob(hidden, strided, bias, tree, target, sparse_grad=True)
+
+
+def test_dropout_mask_refuses_an_overflowing_scale():
+    with pytest.raises(RuntimeError, match="overflow"):
+        torch.ops.hsoftmax.dropout_mask(torch.empty(4, dtype=torch.float16), 0.99999, 0)
+    assert torch.isfinite(torch.ops.hsoftmax.dropout_mask(torch.empty(4), 0.99999, 0)).all()

@@ -57,6 +57,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& self, double p, int64_t seed) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dropout_mask", [&] {
     scalar_t* data = out.data_ptr<scalar_t>();
     const auto scale = static_cast<scalar_t>(1.0 / (1.0 - p));
+    TORCH_CHECK(std::isfinite(static_cast<double>(scale)), "dropout_mask: p = ", p,
+                " makes the keep scale 1 / (1 - p) overflow ", out.scalar_type());
     at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
       fill_mask<scalar_t>(data, begin, end, useed, threshold, scale);
     });

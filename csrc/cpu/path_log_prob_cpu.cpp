@@ -149,11 +149,12 @@ TreeView view_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr
           leaf_path_ptr.size(0) - 1};
 }
 
-void check_targets(const int64_t* target, int64_t batch, int64_t num_leaves) {
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_INDEX(target[b] >= 0 && target[b] < num_leaves, "target[", b, "] = ", target[b],
-                      " is out of range for a tree of ", num_leaves, " leaves");
-  }
+// Every target and its path checked against the tree arrays (see hsoftmax.h).
+void check_paths(const TreeView& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
+                 const at::Tensor& path_node, int64_t max_path_rows) {
+  check_target_paths(target.data_ptr<int64_t>(), target.size(0), tree.node_row_ptr,
+                     node_row_ptr.size(0) - 1, tree.leaf_path_ptr, tree.num_leaves, tree.path_node,
+                     tree.path_choice, path_node.size(0), max_path_rows);
 }
 
 // Raw views of one call's tensors, so the hot loops below are plain functions that can be cloned
@@ -448,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const TreeView tree = view_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  check_targets(target.data_ptr<int64_t>(), target.size(0), tree.num_leaves);
+  check_paths(tree, target, node_row_ptr, path_node, max_path_rows);
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
                         hidden.options().dtype(coef_dtype(hidden.scalar_type())));
@@ -550,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
                       path_choice, target);
   const TreeView tree = view_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  check_targets(target.data_ptr<int64_t>(), target.size(0), tree.num_leaves);
+  check_paths(tree, target, node_row_ptr, path_node, coef.size(1));
   const auto g = grad_log_prob.contiguous();
   const auto c = coef.contiguous();
   at::Tensor gh = output_mask[0] ? at::empty_like(hidden) : at::empty({0}, hidden.options());

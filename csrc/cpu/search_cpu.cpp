@@ -25,6 +25,7 @@
 #include <limits>
 #include <vector>
 
+#include "../hsoftmax.h"
 #include "../hsoftmax_math.h"
 #include "cpu_clones.h"
 #include "vec.h"
@@ -410,6 +411,9 @@ void check_search_args(const at::Tensor& hidden, const at::Tensor& weight,
     TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
     TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
   }
+  // the searches follow these arrays without bounds checks
+  check_child_lists(tree.child_ptr.data_ptr<int64_t>(), tree.children.data_ptr<int32_t>(),
+                    tree.node_row_ptr.data_ptr<int32_t>(), internal, num_leaves, root);
 }
 
 template <typename scalar_t>
@@ -486,10 +490,10 @@ at::Tensor leaf_rank_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                 t->device());
   }
   const int64_t* y = target.data_ptr<int64_t>();
-  for (int64_t b = 0; b < target.size(0); ++b) {
-    TORCH_CHECK_INDEX(0 <= y[b] && y[b] < num_leaves, "target[", b, "] = ", y[b],
-                      " is out of range for a tree of ", num_leaves, " leaves");
-  }
+  check_target_paths(y, target.size(0), node_row_ptr.data_ptr<int32_t>(), child_ptr.size(0) - 1,
+                     leaf_path_ptr.data_ptr<int64_t>(), num_leaves, path_node.data_ptr<int32_t>(),
+                     path_choice.data_ptr<int32_t>(), path_node.size(0),
+                     std::numeric_limits<int64_t>::max());
   auto rank = at::empty({hidden.size(0)}, target.options());
   const int max_children = max_children_of(child_ptr);
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -278,7 +278,13 @@ class HistoryMixture(nn.Module):
 
     Rounding: values are floats, so "equal" means equal as computed; classes outside W are
     compared through the head's log-probs, so a tie created only by rounding
-    ``log(1-g) + log p_head`` keeps the head's order.
+    ``log(1-g) + log p_head`` keeps the head's order. Known limit: ``topk`` scores its candidates
+    with the head's ``log_prob`` while ``rank`` counts through ``head.rank``; for a tree head on
+    the CPU these are two kernels whose values can differ in the last bit, so classes whose
+    head log-probs are exactly equal in real arithmetic (e.g. constructed zero-weight ties) may
+    be ordered differently by the two. Distinct values are ordered identically.
+
+    A row with an empty window has ``g = 0``: the mixture is the head.
     """
 
     def __init__(self, head: nn.Module, in_features: int, scorer: nn.Module | None = None):
@@ -293,10 +299,13 @@ class HistoryMixture(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def log_gates(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """((B, 1) log g, (B, 1) log(1 - g))."""
+    def log_gates(self, hidden: torch.Tensor, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, 1) log g, (B, 1) log(1 - g)); g = 0 for a row whose window is empty (no
+        history distribution to mix in), so that row is the head's distribution."""
         a = self.gate(hidden)
-        return F.logsigmoid(a), F.logsigmoid(-a)
+        log_g, log_1mg = F.logsigmoid(a), F.logsigmoid(-a)
+        empty = (window.num_distinct == 0)[:, None]
+        return log_g.masked_fill(empty, _NEG_INF), log_1mg.masked_fill(empty, 0.0)
 
     def _mix(self, log_g, log_1mg, log_hist, log_head):
         return torch.logaddexp(log_g + log_hist, log_1mg + log_head)
@@ -305,7 +314,7 @@ class HistoryMixture(nn.Module):
         """Negative log-likelihood of ``target`` under the mixture; ``label_smoothing`` eps gives
         ``(1 - eps) * nll + eps * mean_l(-log p(l))``, exact over all V classes."""
         _check_smoothing(label_smoothing)
-        log_g, log_1mg = self.log_gates(hidden)
+        log_g, log_1mg = self.log_gates(hidden, window)
         if label_smoothing == 0:
             log_head = _head_log_prob_many(self.head, hidden, target[:, None])
             log_hist = window.log_p_of(target[:, None])
@@ -330,13 +339,13 @@ class HistoryMixture(nn.Module):
 
     def log_prob(self, hidden, window: Window, target) -> torch.Tensor:
         """(B,) ``log p(target)`` under the mixture, differentiable."""
-        log_g, log_1mg = self.log_gates(hidden)
+        log_g, log_1mg = self.log_gates(hidden, window)
         log_head = _head_log_prob_many(self.head, hidden, target[:, None])
         return self._mix(log_g, log_1mg, window.log_p_of(target[:, None]), log_head)[:, 0]
 
     def log_prob_all(self, hidden, window: Window) -> torch.Tensor:
         """(B, V) mixture log-probabilities of every class (O(V * D) per row)."""
-        log_g, log_1mg = self.log_gates(hidden)
+        log_g, log_1mg = self.log_gates(hidden, window)
         log_head = self.head.log_prob_all(hidden)
         out = log_1mg + log_head
         # every position writes the value of its location (padding too: looked up by id), so
@@ -365,14 +374,14 @@ class HistoryMixture(nn.Module):
         return values.gather(1, top), ids.gather(1, top)
 
     def _candidate_values(self, hidden, window: Window, ids: torch.Tensor) -> torch.Tensor:
-        log_g, log_1mg = self.log_gates(hidden)
+        log_g, log_1mg = self.log_gates(hidden, window)
         log_head = _head_log_prob_many(self.head, hidden, ids)
         return self._mix(log_g, log_1mg, window.log_p_of(ids), log_head)
 
     @torch.no_grad()
     def rank(self, hidden, window: Window, target) -> torch.Tensor:
         """(B,) int64 exact 1-based rank of ``target`` under the mixture (ties by lower id)."""
-        log_g, log_1mg = self.log_gates(hidden)
+        log_g, log_1mg = self.log_gates(hidden, window)
         ids = torch.cat([target[:, None], window.loc], dim=1)
         log_head = _head_log_prob_many(self.head, hidden, ids)
         log_hist = torch.cat([window.log_p_of(target[:, None]), window.log_p], dim=1)
@@ -380,7 +389,10 @@ class HistoryMixture(nn.Module):
         y_mix, w_mix = mix[:, :1], mix[:, 1:]
         y = target[:, None]
         lower = window.loc < y
-        beats_in_w = window.first & ((w_mix > y_mix) | ((w_mix == y_mix) & lower))
+        # y's own positions never beat it (their value may differ from y_mix by rounding)
+        beats_in_w = (
+            window.first & (window.loc != y) & ((w_mix > y_mix) | ((w_mix == y_mix) & lower))
+        )
         rank = 1 + beats_in_w.sum(1)
         in_w = torch.isfinite(log_hist[:, 0])
         out_w = ~in_w
