@@ -32,8 +32,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import yaml
-
 # name -> config overrides (the seed's configuration otherwise)
 CONFIGS: dict[str, list[str]] = {
     "dense": ["model.head=dense", "model.history=none"],
@@ -60,38 +58,63 @@ def _requested(name: str, seed: int, args) -> list[str]:
     ]
 
 
-def _check_reused(run_dir: Path, overrides: list[str]) -> None:
-    """Refuses to reuse a finished run trained with other settings (e.g. a 2-epoch run in a
-    100-epoch comparison): its recorded ``config.yaml`` must hold every requested override."""
-    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, field = key.partition(".")
-        have = recorded.get(section, {}).get(field, "<missing>")
-        if have != yaml.safe_load(value):
-            raise SystemExit(
-                f"{run_dir} was trained with {key}={have!r}, not {value!r}: use another --out "
-                "for a comparison with other settings"
-            )
+# Keys that do not change what a run computes: where it ran and what it printed.
+_IGNORED = {
+    "output.dir",
+    "output.run_dir",
+    "data.cache_dir",
+    "train.progress",
+    "train.num_threads",
+    "train.device",
+    "train.val_metrics",
+}
 
 
-def run_one(name: str, seed: int, args, out: Path) -> dict:
-    run_dir = out / "runs" / f"{name}-seed{seed}"
-    if args.reuse and (run_dir / "test_metrics.json").exists():
-        _check_reused(run_dir, _requested(name, seed, args))
-        return _result(name, seed, run_dir, wall_seconds=None)
-    if args.reuse and (run_dir / "ckpt.pt").exists():  # interrupted: continue it exactly
-        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--resume", str(run_dir)]
-        sets = ["train.progress=false"]
-    else:
-        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
-        sets = []
-    sets += [
+def _fresh_sets(name: str, seed: int, args, run_dir: Path) -> list[str]:
+    """The overrides a fresh run of this configuration is started with."""
+    return [
         f"output.run_dir={run_dir}",
         "train.progress=false",
         "train.val_metrics=false",
         *_requested(name, seed, args),
     ]
+
+
+def _check_reused(run_dir: Path, expected: dict) -> None:
+    """Refuses to reuse or resume a run trained with other settings (e.g. a 2-epoch run in a
+    100-epoch comparison, or one with another learning rate): its recorded ``config.yaml``,
+    completed with today's defaults, must equal this comparison's config in every key that
+    changes what a run computes."""
+    from hsoftmax.training.config import ConfigError, config_diff, load_config
+
+    try:
+        recorded = load_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise SystemExit(
+            f"{run_dir}: its config.yaml no longer loads ({e}); use another --out"
+        ) from None
+    diff = [d for d in config_diff(recorded, expected) if d[0] not in _IGNORED]
+    if diff:
+        what = ", ".join(f"{k}={a!r} (wanted {b!r})" for k, a, b in diff)
+        raise SystemExit(
+            f"{run_dir} was trained with {what}: use another --out for a comparison with "
+            "other settings"
+        )
+
+
+def run_one(name: str, seed: int, args, out: Path) -> dict:
+    from hsoftmax.training.config import load_config
+
+    run_dir = out / "runs" / f"{name}-seed{seed}"
+    sets = _fresh_sets(name, seed, args, run_dir)
+    if args.reuse and (run_dir / "test_metrics.json").exists():
+        _check_reused(run_dir, load_config(args.preset, sets))
+        return _result(name, seed, run_dir, wall_seconds=None)
+    if args.reuse and (run_dir / "ckpt.pt").exists():  # interrupted: continue it exactly
+        _check_reused(run_dir, load_config(args.preset, sets))
+        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--resume", str(run_dir)]
+    else:
+        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()

@@ -84,6 +84,11 @@ def _train(args) -> int:
 
     try:
         if args.resume:
+            if args.config:
+                raise ValueError(
+                    "--config cannot be combined with --resume: a resumed run keeps its own "
+                    "config.yaml (use --set for the keys it may change, e.g. train.epochs)"
+                )
             train(resume=args.resume, overrides=_overrides(args))
             return 0
         cfg = load_config(args.config or "demo", _overrides(args))

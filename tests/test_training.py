@@ -198,3 +198,88 @@ def test_train_from_a_data_directory(cache_dir, tmp_path, kind):
     )  # fmt: skip
     result = train(cfg, **QUIET)
     assert result.test["n"] == len(load_preset("small", seed=0, cache_dir=cache_dir).test)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=abc", "train.lr must be a positive number, got 'abc'"),
+        ("train.lr=0", "train.lr must be a positive number"),
+        ("train.batch_size=true", "train.batch_size must be a positive int, got True"),
+        ("data.max_len=0", "data.max_len must be a positive int or null"),
+        ("model.dropout=1.5", r"model.dropout must be in \[0, 1\)"),
+        ("model.tree_branching=[8, 1]", "model.tree_branching must be an int >= 2"),
+        ("train.lr_factor=2", r"train.lr_factor must be in \(0, 1\)"),
+        ("train.progress=maybe", "train.progress must be true or false"),
+        ("train.num_threads=-1", "train.num_threads must be a positive int or null"),
+    ],
+)
+def test_config_values_are_type_and_range_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_text_keys_keep_the_override_text():
+    cfg = load_config(None, ["name=off", "output.dir=2024", "train.device=cpu", "data.path=1e5"])
+    assert cfg["name"] == "off" and cfg["output"]["dir"] == "2024"
+    assert cfg["data"]["path"] == "1e5"
+    assert load_config(None, ["data.path=null"])["data"]["path"] is None
+
+
+def test_resume_keeps_the_config_and_a_finished_run_dir_is_not_reused(cache_dir, tmp_path):
+    extra = ("train.epochs=1", "train.max_steps_per_epoch=2", "train.val_metrics=false",
+             f"output.run_dir={tmp_path / 'run'}")  # fmt: skip
+    cfg = small_config(cache_dir, tmp_path, *extra)
+    run = train(cfg, **QUIET)
+    with pytest.raises(ConfigError, match=r"cannot change model.d_model \(32 -> 16\), train.lr"):
+        train(resume=run.run_dir, overrides=["model.d_model=16", "train.lr=0.5"], **QUIET)
+    with pytest.raises(ValueError, match="already holds a run .*test_metrics.json"):
+        train(small_config(cache_dir, tmp_path, *extra, "train.seed=3"), **QUIET)
+    from hsoftmax.cli import main
+
+    assert main(["train", "--resume", str(run.run_dir), "--config", "demo"]) == 1
+    assert main(["train", "--resume", str(tmp_path / "nothing-here")]) == 1
+    # resuming a finished run with more epochs is allowed (and repeats of recorded values)
+    again = train(resume=run.run_dir, overrides=["train.epochs=2", "name=test"], **QUIET)
+    assert len(again.history) == 2
+
+
+def test_mhsa_directory_format_errors(cache_dir, tmp_path):
+    import pandas as pd
+
+    from hsoftmax.data import DataFormatError
+    from hsoftmax.training.trainer import load_data
+
+    data = load_preset("small", seed=0, cache_dir=cache_dir, progress=False)
+    d = tmp_path / "mhsa"
+    data.write_mhsa(d)
+    cfg = load_config(None, [f"data.path={d}"])["data"]
+    assert load_data(cfg, progress=False).n_locations == data.n_locations
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({"n_users": 3}))
+    with pytest.raises(DataFormatError, match="needs an integer n_locations"):
+        load_data(cfg, progress=False)
+    (d / "meta.json").write_text(json.dumps(meta))
+    vocab = pd.read_csv(d / "vocab_locations.csv")
+    vocab.drop(columns=["loc"]).to_csv(d / "vocab_locations.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"missing column\(s\) \['loc'\]"):
+        load_data(cfg, progress=False)
+    vocab.assign(loc=vocab["loc"] + data.n_locations).to_csv(d / "vocab_locations.csv", index=False)
+    with pytest.raises(DataFormatError, match="is not a location id in"):
+        load_data(cfg, progress=False)
+
+
+def test_data_cli_reports_bad_arguments(tmp_path, capsys):
+    from hsoftmax.cli import main
+    from hsoftmax.data.synthetic import synthesize_to_dir
+
+    synthesize_to_dir("small", 0, tmp_path / "sp", progress=False)
+    sp = str(tmp_path / "sp" / "staypoints.csv")
+    out = str(tmp_path / "o")
+    assert (
+        main(["data", "samples", "--staypoints", sp, "--out", out, "--split", "0.5", "0.3", "0.3"])
+        == 1
+    )
+    assert "error:" in capsys.readouterr().err
+    assert main(["data", "samples", "--staypoints", sp, "--out", out, "--tz", "Mars/Olympus"]) == 1
+    assert "Mars/Olympus" in capsys.readouterr().err

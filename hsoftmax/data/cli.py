@@ -95,12 +95,15 @@ def _baselines(args) -> int:
 
 def _guard(func):
     def run(args) -> int:
+        from zoneinfo import ZoneInfoNotFoundError
+
         from .staypoints import DataFormatError
 
         _setup_logging()
         try:
             return func(args)
-        except (DataFormatError, FileNotFoundError) as e:
+        except (DataFormatError, FileNotFoundError, ValueError, ZoneInfoNotFoundError) as e:
+            # bad files and bad arguments (a split that does not sum to 1, an unknown zone)
             print(f"error: {e}", file=sys.stderr)
             return 1
 

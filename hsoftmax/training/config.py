@@ -19,12 +19,16 @@ from hsoftmax.models.factory import MODEL_DEFAULTS
 
 __all__ = [
     "DEFAULTS",
+    "RESUMABLE_KEYS",
     "PACKAGED_CONFIGS",
     "ConfigError",
     "apply_overrides",
+    "check_resume",
+    "config_diff",
     "load_config",
     "merge",
     "packaged_config_path",
+    "resume_config",
 ]
 
 PACKAGED_CONFIGS = ("demo", "diy", "geolife")
@@ -66,6 +70,41 @@ DEFAULTS: dict = {
         "run_dir": None,  # or exactly this directory
     },
 }
+
+
+# Keys whose values are text: an override keeps the raw string (YAML would read ``name=off`` as
+# False and ``output.dir=2024`` as an int).
+STRING_KEYS = frozenset(
+    {
+        "name",
+        "data.preset",
+        "data.path",
+        "data.cache_dir",
+        "model.head",
+        "model.tree",
+        "model.history",
+        "train.device",
+        "output.dir",
+        "output.run_dir",
+    }
+)
+
+# Keys a resumed run may change: where and how it runs, and for how many epochs. Anything else
+# would silently mix two configurations in one run (the optimizer and scheduler state come
+# from the checkpoint, the data and the model from the config).
+RESUMABLE_KEYS = frozenset(
+    {
+        "data.path",
+        "data.cache_dir",
+        "train.epochs",
+        "train.device",
+        "train.num_threads",
+        "train.progress",
+        "train.val_metrics",
+        "output.dir",
+        "output.run_dir",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -113,6 +152,8 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
                 value = float(value)
             except ValueError:
                 pass
+        if key.strip() in STRING_KEYS and value is not None:
+            value = raw.strip()  # a name, path or device: "off", "1e5", "2024" stay text
         parts = key.strip().split(".")
         update: dict = value
         for part in reversed(parts):
@@ -139,7 +180,148 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def resume_config(recorded: dict, overrides: list[str] | None) -> dict:
+    """A resumed run's config: its recorded one with ``overrides`` applied, where only the
+    :data:`RESUMABLE_KEYS` may change (an override repeating the recorded value is fine)."""
+    cfg = apply_overrides(recorded, overrides)
+    _validate(cfg)
+    check_resume(recorded, cfg)
+    return cfg
+
+
+def check_resume(recorded: dict, cfg: dict) -> None:
+    """Raises unless ``cfg`` differs from a run's ``recorded`` config in
+    :data:`RESUMABLE_KEYS` only."""
+    changed = [
+        f"{key} ({old!r} -> {new!r})"
+        for key, old, new in config_diff(recorded, cfg)
+        if key not in RESUMABLE_KEYS
+    ]
+    if changed:
+        raise ConfigError(
+            "a resumed run keeps its configuration; cannot change "
+            + ", ".join(changed)
+            + f". Only {', '.join(sorted(RESUMABLE_KEYS))} may change: start a new run instead"
+        )
+
+
+def config_diff(a: dict, b: dict, where: str = ""):
+    """``(key, a value, b value)`` for every dotted leaf key where two configs differ."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(x, dict) and isinstance(y, dict):
+            yield from config_diff(x, y, f"{where}{key}.")
+        elif x != y:
+            yield f"{where}{key}", x, y
+
+
+def _check(cfg: dict, key: str, ok: bool, want: str) -> None:
+    if not ok:
+        section, _, field = key.partition(".")
+        value = cfg[section][field] if field else cfg[section]
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _validate_types(cfg: dict) -> None:
+    """Every key's type and range, so a bad value fails here, naming the key, not later as a
+    traceback from deep inside training."""
+    d, m, t, o = cfg["data"], cfg["model"], cfg["train"], cfg["output"]
+    _check(cfg, "name", isinstance(cfg["name"], str) and cfg["name"] != "", "a non-empty string")
+    for key in ("preset", "path", "cache_dir"):
+        _check(cfg, f"data.{key}", d[key] is None or isinstance(d[key], str), "a string or null")
+    _check(cfg, "data.preset", isinstance(d["preset"], str), "a string")
+    _check(cfg, "data.seed", _is_int(d["seed"]), "an int")
+    _check(
+        cfg,
+        "data.max_len",
+        d["max_len"] is None or (_is_int(d["max_len"]) and d["max_len"] >= 1),
+        "a positive int or null",
+    )
+    for key in (
+        "loc_emb_dim",
+        "user_emb_dim",
+        "time_emb_dim",
+        "weekday_emb_dim",
+        "duration_emb_dim",
+        "diff_emb_dim",
+        "d_model",
+        "num_layers",
+        "nhead",
+        "dim_feedforward",
+        "max_len",
+    ):
+        _check(cfg, f"model.{key}", _is_int(m[key]) and m[key] >= 1, "a positive int")
+    _check(cfg, "model.dropout", _is_num(m["dropout"]) and 0 <= m["dropout"] < 1, "in [0, 1)")
+    _check(
+        cfg, "model.tree_arity", _is_int(m["tree_arity"]) and m["tree_arity"] >= 2, "an int >= 2"
+    )
+    _check(cfg, "model.tree_seed", _is_int(m["tree_seed"]), "an int")
+    b = m["tree_branching"]
+    _check(
+        cfg,
+        "model.tree_branching",
+        b == "binary"
+        or (_is_int(b) and b >= 2)
+        or (isinstance(b, list) and len(b) > 0 and all(_is_int(x) and x >= 2 for x in b)),
+        'an int >= 2, a list of them, or "binary"',
+    )
+    for key in ("epochs", "batch_size", "eval_batch_size", "early_stopping_patience"):
+        _check(cfg, f"train.{key}", _is_int(t[key]) and t[key] >= 1, "a positive int")
+    _check(cfg, "train.lr", _is_num(t["lr"]) and t["lr"] > 0, "a positive number")
+    for key in ("weight_decay", "min_lr"):
+        _check(cfg, f"train.{key}", _is_num(t[key]) and t[key] >= 0, "a number >= 0")
+    _check(
+        cfg,
+        "train.label_smoothing",
+        _is_num(t["label_smoothing"]) and 0 <= t["label_smoothing"] <= 1,
+        "in [0, 1]",
+    )
+    _check(
+        cfg,
+        "train.grad_clip",
+        t["grad_clip"] is None or (_is_num(t["grad_clip"]) and t["grad_clip"] > 0),
+        "a positive number or null",
+    )
+    _check(
+        cfg, "train.lr_patience", _is_int(t["lr_patience"]) and t["lr_patience"] >= 0, "an int >= 0"
+    )
+    _check(cfg, "train.lr_factor", _is_num(t["lr_factor"]) and 0 < t["lr_factor"] < 1, "in (0, 1)")
+    _check(cfg, "train.seed", _is_int(t["seed"]), "an int")
+    _check(cfg, "train.device", isinstance(t["device"], str), "a device string (cpu, cuda:0)")
+    for key in ("num_threads", "max_steps_per_epoch"):
+        _check(
+            cfg,
+            f"train.{key}",
+            t[key] is None or (_is_int(t[key]) and t[key] >= 1),
+            "a positive int or null",
+        )
+    _check(
+        cfg,
+        "train.param_budget",
+        _is_int(t["param_budget"]) and t["param_budget"] >= 1,
+        "a positive int",
+    )
+    for key in ("val_metrics", "allow_over_budget", "progress"):
+        _check(cfg, f"train.{key}", isinstance(t[key], bool), "true or false")
+    _check(cfg, "output.dir", isinstance(o["dir"], str) and o["dir"] != "", "a non-empty string")
+    _check(
+        cfg,
+        "output.run_dir",
+        o["run_dir"] is None or isinstance(o["run_dir"], str),
+        "a string or null",
+    )
+
+
 def _validate(cfg: dict) -> None:
+    _validate_types(cfg)
     from hsoftmax.models.factory import HEADS, TREES
     from hsoftmax.models.history import HISTORY_KINDS
 
@@ -149,8 +331,5 @@ def _validate(cfg: dict) -> None:
             raise ConfigError(f"model.{key} must be one of {allowed}, got {m[key]!r}")
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive int, got {t[key]!r}")
     if not 0.0 <= float(t["label_smoothing"]) <= 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1], got {t['label_smoothing']}")

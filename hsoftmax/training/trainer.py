@@ -39,12 +39,12 @@ import pandas as pd
 import torch
 import yaml
 
-from hsoftmax.data import MobilityData, MobilityDataset, collate
+from hsoftmax.data import DataFormatError, MobilityData, MobilityDataset, collate
 from hsoftmax.metrics import METRIC_NAMES, format_table, metrics_from_ranks, per_user_metrics
 from hsoftmax.models import build_model, check_budget, parameter_report
 
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
-from .config import load_config
+from .config import check_resume, load_config, resume_config
 
 __all__ = [
     "RunResult",
@@ -113,15 +113,43 @@ def _load_dir(d: Path, progress: bool) -> MobilityData:
             )
         found[split] = hits[0]
     metas = sorted(d.glob("*meta.json"))
-    n_loc = json.loads(metas[0].read_text())["n_locations"] if metas else None
+    n_loc = None
+    if metas:
+        try:
+            meta = json.loads(metas[0].read_text())
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{metas[0]}: not valid JSON ({e})") from None
+        n_loc = meta.get("n_locations") if isinstance(meta, dict) else None
+        if isinstance(n_loc, bool) or not isinstance(n_loc, int) or n_loc < 2:
+            raise DataFormatError(
+                f"{metas[0]}: needs an integer n_locations >= 2 (the vocabulary size, padding "
+                f"id 0 included), got {n_loc!r}"
+            )
     sets = {k: load_mhsa(p, n_loc, as_sampleset=True) for k, p in found.items()}
+    for split, samples in sets.items():
+        if len(samples.y) == 0:
+            raise DataFormatError(f"{found[split]}: holds no samples")
     if n_loc is None:
         n_loc = 1 + max(int(max(s.loc.max(), s.y.max())) for s in sets.values())
     n_users = 1 + max(int(s.user.max()) for s in sets.values())
     vocab = sorted(d.glob("*vocab_locations.csv"))
-    locations = (
-        pd.read_csv(vocab[0]) if vocab else pd.DataFrame(columns=["loc", "id", "lat", "lon"])
-    )
+    locations = pd.DataFrame(columns=["loc", "id", "lat", "lon"])
+    if vocab:
+        locations = pd.read_csv(vocab[0])
+        missing = {"loc", "lat", "lon"} - set(locations.columns)
+        if missing:
+            raise DataFormatError(
+                f"{vocab[0]}: missing column(s) {sorted(missing)} (needs loc, lat, lon)"
+            )
+        loc = pd.to_numeric(locations["loc"], errors="coerce")
+        bad = ~(loc.notna() & (loc == loc.round()) & (loc >= 0) & (loc < n_loc))
+        if bool(bad.any()):
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataFormatError(
+                f"{vocab[0]}: row {row}: loc {locations['loc'].iloc[row]!r} is not a location "
+                f"id in [0, {n_loc})"
+            )
+        locations = locations.assign(loc=loc.astype(np.int64))
     return MobilityData(
         sets["train"],
         sets["validation"],
@@ -266,7 +294,8 @@ def train(
         cfg: a resolved config (:func:`~hsoftmax.training.config.load_config`); None with
             ``resume``: the run's own ``config.yaml``.
         resume: a run directory holding ``ckpt.pt``: continue that run exactly (``overrides``,
-            e.g. ``train.epochs=20``, apply on top of its config).
+            e.g. ``train.epochs=20``, apply on top of its config; only
+            :data:`~hsoftmax.training.config.RESUMABLE_KEYS` may change).
         data: pre-loaded data (skips :func:`load_data`; must match ``cfg["data"]``).
         echo: where progress lines go (``print``; ``lambda *a: None`` to silence).
     """
@@ -274,11 +303,24 @@ def train(
     ckpt = None
     if resume is not None:
         run_dir = Path(resume)
+        if not (run_dir / CKPT).is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: it holds no {CKPT}")
+        recorded = load_config(run_dir / "config.yaml")
         if cfg is None:
-            cfg = load_config(run_dir / "config.yaml", overrides)
+            cfg = resume_config(recorded, overrides)
+        else:
+            check_resume(recorded, cfg)
         ckpt = load_checkpoint(run_dir / CKPT)
-    elif cfg is None:
-        cfg = load_config(None, overrides)
+    else:
+        if cfg is None:
+            cfg = load_config(None, overrides)
+        fixed = cfg["output"]["run_dir"]
+        held = [f for f in (CKPT, "test_metrics.json") if fixed and (Path(fixed) / f).exists()]
+        if held:  # its files would pass for the new run's until they are overwritten
+            raise ValueError(
+                f"run directory {fixed} already holds a run ({', '.join(held)}): resume it "
+                f"(hsoftmax train --resume {fixed}) or choose another output.run_dir"
+            )
     tcfg = cfg["train"]
     is_main = rank == 0
     say = echo if is_main else (lambda *a, **k: None)
