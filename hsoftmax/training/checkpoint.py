@@ -27,6 +27,18 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename: a reader (or a
+    resumed run) sees the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint on the CPU (it holds numpy RNG state and config dicts as well)."""
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -43,7 +43,13 @@ from hsoftmax.data import DataFormatError, MobilityData, MobilityDataset, collat
 from hsoftmax.metrics import METRIC_NAMES, format_table, metrics_from_ranks, per_user_metrics
 from hsoftmax.models import build_model, check_budget, parameter_report
 
-from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    get_rng_state,
+    load_checkpoint,
+    set_rng_state,
+)
 from .config import check_resume, load_config, resume_config
 
 __all__ = [
@@ -389,8 +395,8 @@ def train(
         run_dir = _new_run_dir(cfg)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        (run_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(run_dir / "params.json", json.dumps(params, indent=2) + "\n")
 
     net = model
     if world > 1:
@@ -498,8 +504,8 @@ def train(
     if is_main:
         if best_state is not None:
             model.load_state_dict(best_state)
-        test = _final_test(model, test_set, cfg, device, run_dir, progress)
         _plot(run_dir, history)
+        test = _final_test(model, test_set, cfg, device, run_dir, progress)
         say(f"test ({len(test_set)} samples, best epoch {early['best_epoch']}):")
         say(format_table({"test": test}))
         say(f"run directory: {run_dir}")
@@ -522,11 +528,14 @@ def _final_test(model, test_set, cfg, device, run_dir: Path, progress: bool) -> 
         desc="test",
     )
     test = {**res["metrics"], "nll": res["nll"]}
-    (run_dir / "test_metrics.json").write_text(json.dumps(test, indent=2) + "\n")
-    (run_dir / "test_table.md").write_text(format_table({"test": test}) + "\n")
-    per_user_metrics(res["ranks"], res["top"], res["y"], res["user"]).to_csv(
-        run_dir / "per_user.csv", index=False, float_format="%.4f", lineterminator="\n"
+    atomic_write_text(run_dir / "test_table.md", format_table({"test": test}) + "\n")
+    per_user = per_user_metrics(res["ranks"], res["top"], res["y"], res["user"])
+    atomic_write_text(
+        run_dir / "per_user.csv",
+        per_user.to_csv(index=False, float_format="%.4f", lineterminator="\n"),
     )
+    # last: its presence marks a finished run (compare_heads --reuse, a fresh run's refusal)
+    atomic_write_text(run_dir / "test_metrics.json", json.dumps(test, indent=2) + "\n")
     return test
 
 
@@ -604,7 +613,7 @@ def evaluate_run(
         desc=split,
     )
     out = {**res["metrics"], "nll": res["nll"]}
-    (run_dir / f"{split}_metrics_eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_text(run_dir / f"{split}_metrics_eval.json", json.dumps(out, indent=2) + "\n")
     echo(format_table({f"{split} ({which})": out}))
     return out
 
