@@ -42,7 +42,10 @@ def metrics_from_ranks(ranks, top1, y) -> dict[str, float]:
     """
     from sklearn.metrics import f1_score
 
-    r = _np(ranks).astype(np.int64).reshape(-1)
+    r = _np(ranks)
+    if r.size and not np.all(r == np.round(r)):
+        raise ValueError("ranks must be whole numbers (1-based positions)")
+    r = r.astype(np.int64).reshape(-1)
     t1 = _np(top1).astype(np.int64).reshape(-1)
     yy = _np(y).astype(np.int64).reshape(-1)
     if not (r.shape == t1.shape == yy.shape):

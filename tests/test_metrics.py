@@ -71,3 +71,8 @@ def test_format_table():
     text = format_table({"dense": m})
     assert text.splitlines()[0].startswith("| | acc@1")
     assert "| dense | 50.00 |" in text
+
+
+def test_fractional_ranks_are_refused():
+    with pytest.raises(ValueError, match="whole numbers"):
+        metrics_from_ranks(np.array([1.0, 2.7]), np.array([3, 1]), np.array([3, 2]))

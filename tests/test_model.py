@@ -309,3 +309,14 @@ def test_seed_configuration_fits_the_budget_on_diy_size():
         assert report["total"] <= 3_000_000, report
         dense_extra = 112 + 1 if head == "dense" else 0  # the dense head has one more row
         assert report["head"] == 15_601 * 113 + dense_extra
+
+
+def test_mixture_topk_takes_a_numpy_int_like_the_heads():
+    head = DenseSoftmax(3, 6, dtype=torch.float64)
+    mix = HistoryMixture(head, 3, scorer=HistoryScorer()).double()
+    hidden = torch.randn(2, 3, dtype=torch.float64)
+    window = mix.scorer(torch.tensor([[1, 2], [3, 0]]), torch.tensor([[1, 1], [1, 0]], dtype=bool))
+    values, idx = mix.topk(hidden, window, np.int64(4))
+    assert torch.equal(idx, mix.topk(hidden, window, 4)[1]) and idx.shape == (2, 4)
+    with pytest.raises(ValueError, match="k must be an int"):
+        mix.topk(hidden, window, True)
