@@ -209,6 +209,11 @@ TORCH_LIBRARY(hsoftmax, m) {
       "leaf_rank(Tensor hidden, Tensor weight, Tensor? bias, Tensor child_ptr, Tensor children, "
       "Tensor node_row_ptr, Tensor leaf_path_ptr, Tensor path_node, Tensor path_choice, "
       "int root, Tensor target) -> Tensor");
+  // log p(leaf | hidden) of every leaf (B, V), with the bits topk_leaves and leaf_rank order by
+  // (and path_log_prob_forward computes); not differentiable.
+  m.def(
+      "leaf_log_prob_all(Tensor hidden, Tensor weight, Tensor? bias, Tensor child_ptr, "
+      "Tensor children, Tensor node_row_ptr, int root) -> Tensor");
   // A random keep mask shaped like self (only its shape, dtype and device are read): each element
   // is 0 or 1 / (1 - p), kept with probability 1 - p, a pure function of (seed, element index).
   // CPU only; the model's dropout uses it in place of torch's much slower CPU bernoulli_.

@@ -45,61 +45,19 @@ HSM_HOST_DEVICE int32_t bits_of(float x) {
 #endif
 }
 
-// exp(x) for x <= 0, branch-free (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-7
-// polynomial for e^r, 2^n built from its bits; within 2 ulp of expf). Below -87 it returns
-// exp(-87) ~ 1.6e-38 rather than a subnormal: callers add it to 1 or scale a probability by it.
-// Plain arithmetic, so a loop over it vectorises on the CPU, and the GPU runs the same formula.
-HSM_HOST_DEVICE float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504088896341f + kRound;
-  const float n = t - kRound;
-  const int32_t k = bits_of(t) - bits_of(kRound);  // n as an integer, in [-126, 0]
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * float_from_bits((k + 127) << 23);
-}
-
-// log(m) for m in [1, 2], branch-free (Cephes logf: m = 2^k (1 + f) with |f| < 0.42; within
-// 2 ulp of logf).
-HSM_HOST_DEVICE float log_1_to_2(float m) {
-  // both candidates computed unconditionally, then selected: the compiler may if-convert a
-  // select of values, not a conditionally evaluated (possibly trapping) float operation
-  const bool halve = m > 1.41421356f;
-  const float half = 0.5f * m;
-  const float f = (halve ? half : m) - 1.0f;  // exact (Sterbenz)
-  const float k = halve ? 1.0f : 0.0f;
-  const float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  float y = p * f * z + k * -2.12194440e-4f - 0.5f * z;
-  return f + y + k * 0.693359375f;
-}
-
-// Binary-node exp(-|x|) and log(1 + e) for e in (0, 1]: the polynomials above for float (no
-// library call, so the CPU's loop over a path vectorises), the library for double.
-HSM_HOST_DEVICE float exp_neg_abs(float x) { return exp_nonpositive(-fabsf(x)); }
+// Binary-node exp(-|x|) and log(1 + e) for e in (0, 1]: the C library's expf/logf (exp/log in
+// double). The tree searches (csrc/cpu/search_cpu.cpp) compute a binary node with the same
+// calls in the same order, so a leaf's log-probability has the same bits from the path kernel
+// (log_prob), from top-k and from rank.
+HSM_HOST_DEVICE float exp_neg_abs(float x) { return expf(-fabsf(x)); }
 HSM_HOST_DEVICE double exp_neg_abs(double x) { return exp(-fabs(x)); }
-HSM_HOST_DEVICE float log_one_plus(float e) { return log_1_to_2(1.0f + e); }
+HSM_HOST_DEVICE float log_one_plus(float e) { return logf(1.0f + e); }
 HSM_HOST_DEVICE double log_one_plus(double e) { return log(1.0 + e); }
 
 // log p and d log p / dz of a binary node (one logit z for the second child) with one exp and one
 // log: log sigma(z) = min(z, 0) - log(1 + exp(-|z|)) never overflows. log(1 + e) rather than
 // log1p(e): for e < eps the absolute error (<= e) is far below the tolerance of a
-// log-probability. Branch-free (selects only), so a loop over a path's binary nodes vectorises.
+// log-probability.
 template <typename T>
 HSM_HOST_DEVICE T binary_node_log_softmax(T* z, int choice) {
   const T x = z[0];

@@ -18,7 +18,7 @@ import torch
 from hsoftmax import _build  # noqa: F401  (loads the library and checks its torch version)
 from hsoftmax.tree import Tree
 
-__all__ = ["SearchTree", "search_tree", "topk_leaves", "leaf_rank"]
+__all__ = ["SearchTree", "leaf_log_prob_all", "leaf_rank", "search_tree", "topk_leaves"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,27 @@ def leaf_rank(
         tree.root,
         target.to(torch.int64).contiguous(),
     )
+
+
+def leaf_log_prob_all(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tree: SearchTree
+) -> torch.Tensor:
+    """(B, V) ``log p(leaf | hidden)`` of every leaf with the bits :func:`topk_leaves` and
+    :func:`leaf_rank` order by (CPU, not differentiable)."""
+    return torch.ops.hsoftmax.leaf_log_prob_all(
+        hidden.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        tree.child_ptr,
+        tree.children,
+        tree.node_row_ptr,
+        tree.root,
+    )
+
+
+@torch.library.register_fake("hsoftmax::leaf_log_prob_all")
+def _leaf_log_prob_all_fake(hidden, weight, bias, child_ptr, children, node_row_ptr, root):
+    return hidden.new_empty((hidden.shape[0], weight.shape[0] + 1))
 
 
 @torch.library.register_fake("hsoftmax::topk_leaves")

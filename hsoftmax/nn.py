@@ -185,6 +185,14 @@ class _Head(nn.Module):
     def _rank(self, hidden, target):
         return rank_by_id(self._log_prob_all(hidden), target)
 
+    @torch.no_grad()
+    def ranking_log_prob_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, V) every class's log-probability with the bits ``topk`` and ``rank`` order by
+        (``log_prob_all`` may round differently), not differentiable. For code that combines
+        the head's order with its own comparisons, e.g. the history mixture's exact rank."""
+        self._check_hidden(hidden)
+        return self._log_prob_all(hidden.detach())
+
     # ------------------------------------------------------------------ checks
 
     def _check_hidden(self, hidden) -> None:
@@ -508,6 +516,14 @@ class HierarchicalSoftmax(_Head):
         if hidden.device.type != "cpu":
             return super()._rank(hidden, target)
         return _search_ops.leaf_rank(hidden, self.weight, self.bias, self._search_tree(), target)
+
+    @torch.no_grad()
+    def ranking_log_prob_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._check_hidden(hidden)
+        if hidden.device.type != "cpu":
+            return super().ranking_log_prob_all(hidden)
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        return _search_ops.leaf_log_prob_all(hidden.detach(), w, b, self._search_tree())
 
 
 @dataclass(frozen=True)

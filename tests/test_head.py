@@ -649,6 +649,11 @@ def test_opcheck_search_ops():
         (hidden, w, None, *tree_args, *path_args, st.root, target),
         test_utils=checks,
     )
+    torch.library.opcheck(
+        torch.ops.hsoftmax.leaf_log_prob_all.default,
+        (hidden, w, b, *tree_args, st.root),
+        test_utils=checks,
+    )
 
 
 def test_topk_under_torch_compile():
@@ -676,3 +681,35 @@ def test_retree_keeps_the_average_prediction():
     got = new.log_prob_all(torch.randn(3, d, generator=g)).exp()
     for row in got:
         torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tree_name", ["V64-binary", "V1000-random", "V40-caterpillar"])
+def test_search_values_are_log_prob_bits(dtype, tree_name):
+    """On the CPU, topk's values are log_prob's values bit for bit (same dot products, node
+    formulas and root-first sum), so topk, rank and log_prob order ties the same way."""
+    tree = get_tree(tree_name)
+    head = hs_head(tree, 13, seed=7, scale=3.0, dtype=dtype)
+    hidden = torch.randn(9, 13, dtype=dtype, generator=torch.Generator().manual_seed(8))
+    values, ids = head.topk(hidden, tree.num_leaves)
+    with torch.no_grad():
+        lp = torch.stack([head.log_prob(hidden, ids[:, j]) for j in range(ids.shape[1])], 1)
+    assert torch.equal(values, lp)
+
+
+@pytest.mark.parametrize("tree_name", ["V64-binary", "V1000-random", "V1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranking_log_prob_all_has_the_search_bits(tree_name, dtype):
+    tree = get_tree(tree_name)
+    head = hs_head(tree, 13, seed=9, scale=2.0, dtype=dtype)
+    hidden = torch.randn(7, 13, dtype=dtype, generator=torch.Generator().manual_seed(10))
+    lp = head.ranking_log_prob_all(hidden)
+    values, ids = head.topk(hidden, tree.num_leaves)
+    assert torch.equal(lp.gather(1, ids), values)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(lp, oracle_log_prob_all(head, hidden), rtol=0, atol=tol)
+    dense = make_head("dense", tree)
+    torch.testing.assert_close(
+        dense.ranking_log_prob_all(inputs(dense, 3, 1)[0]),
+        dense.log_prob_all(inputs(dense, 3, 1)[0]),
+    )

@@ -21,6 +21,7 @@ from hsoftmax.models import (
     parameter_report,
 )
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax, rank_by_id, topk_by_id
+from hsoftmax.tree import Tree
 
 from conftest import random_tree
 
@@ -320,3 +321,32 @@ def test_mixture_topk_takes_a_numpy_int_like_the_heads():
     assert torch.equal(idx, mix.topk(hidden, window, 4)[1]) and idx.shape == (2, 4)
     with pytest.raises(ValueError, match="k must be an int"):
         mix.topk(hidden, window, True)
+
+
+@pytest.mark.parametrize("head_kind", ["tree", "dense"])
+def test_mixture_topk_and_rank_agree_on_rounding_ties(head_kind):
+    """Zero weights and integer biases: many classes' head log-probs are exactly equal, and
+    adding log(1 - g) makes more of them equal by rounding. topk(V) must still list every
+    target at its rank, inside and outside the window."""
+    torch.manual_seed(0)
+    v = 16
+    for _ in range(40):
+        if head_kind == "tree":
+            head = HierarchicalSoftmax(3, Tree.balanced(v, 2), dtype=torch.float64)
+        else:
+            head = DenseSoftmax(3, v, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.randint(-1, 2, head.bias.shape).double())
+        mix = HistoryMixture(head, 3, scorer=HistoryScorer()).double()
+        with torch.no_grad():
+            mix.gate.bias.uniform_(-2, 2)
+        hidden = torch.randn(6, 3, dtype=torch.float64)
+        loc = torch.randint(0, v, (6, 2))
+        window = mix.scorer(loc, torch.ones(6, 2, dtype=torch.bool))
+        y = torch.randint(0, v, (6,))
+        y[:2] = loc[:2, 0]  # two targets inside the window
+        rank = mix.rank(hidden, window, y)
+        _, order = mix.topk(hidden, window, v)
+        assert torch.equal(order.gather(1, (rank - 1)[:, None])[:, 0], y)
+        assert torch.equal(order.sort(1).values, torch.arange(v).expand(6, v))

@@ -236,8 +236,8 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
     if (a.bias) {
       for (e = 0; e < m; ++e) z[e] += static_cast<acc_t>(a.bias[path_rows[e]]);
     }
-    // 3. log-softmax of each node: one row per node means every node on the path is binary,
-    // and the branch-free binary formula runs over the whole path as one vector loop
+    // 3. log-softmax of each node: one row per node means every node on the path is binary
+    // (one exp and one log each)
     acc_t lp = 0;
     if (m == s1 - s0) {
       const int32_t* __restrict__ choice = tree.path_choice + s0;

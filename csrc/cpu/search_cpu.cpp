@@ -9,7 +9,9 @@
 //
 // Every prefix is accumulated root-down as prefix(parent) + log p(child | parent), with one
 // function computing a node's children's log-probabilities, so a leaf gets bit-identical values in
-// both searches (and a target's rank equals its position in the full top-V list).
+// both searches (and a target's rank equals its position in the full top-V list). They are also
+// the path kernel's (log_prob) bits: the same dot products, the same node formulas
+// (hsoftmax_math.h) and the same root-first summation.
 //
 // Tie rule: leaves are ordered by log-probability descending, then leaf id ascending.
 // NaN log-probabilities (from NaN inputs) are treated as -inf so the heap order stays well-defined.
@@ -83,7 +85,7 @@ HSM_ALWAYS_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scala
   }
   if (c == 2) {  // log sigma: lse(0, x) = max(x, 0) + log(1 + exp(-|x|)), one exp and one log
     const acc_t x = out[1];
-    const acc_t lse = (x > 0 ? x : acc_t(0)) + std::log(acc_t(1) + std::exp(-std::abs(x)));
+    const acc_t lse = (x > 0 ? x : acc_t(0)) + math::log_one_plus(math::exp_neg_abs(x));
     out[0] = nan_to_neg_inf(-lse);
     out[1] = nan_to_neg_inf(x - lse);
     return c;
@@ -366,6 +368,41 @@ HSM_CPU_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* lea
   }
 }
 
+// Every leaf's log-probability of examples [begin, end) into out (B, V), accumulated root-down
+// by a depth-first walk with child_log_probs: the bits topk and rank order by.
+template <typename scalar_t>
+HSM_CPU_CLONES void all_leaves_range(const SearchArgs<scalar_t>& a, int max_children, scalar_t* out,
+                                     int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> local(max_children);
+  std::vector<Entry<acc_t>> stack;
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* h = a.hidden + b * a.dim;
+    scalar_t* row = out + b * a.num_leaves;
+    if (a.root < a.num_leaves) {  // a one-leaf tree
+      row[a.root] = scalar_t(0);
+      continue;
+    }
+    stack.clear();
+    stack.push_back({acc_t(0), a.root});
+    while (!stack.empty()) {
+      const Entry<acc_t> top = stack.back();
+      stack.pop_back();
+      const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local.data());
+      const int64_t first = a.child_ptr[top.node - a.num_leaves];
+      for (int j = 0; j < c; ++j) {
+        const acc_t lp = top.log_prob + local[j];
+        const int64_t child = a.children[first + j];
+        if (child >= a.num_leaves) {
+          stack.push_back({lp, child});
+        } else {
+          row[child] = static_cast<scalar_t>(lp);
+        }
+      }
+    }
+  }
+}
+
 struct TreeArgs {
   const at::Tensor& child_ptr;
   const at::Tensor& children;
@@ -508,11 +545,31 @@ at::Tensor leaf_rank_cpu(const at::Tensor& hidden, const at::Tensor& weight,
   return rank;
 }
 
+at::Tensor leaf_log_prob_all_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& child_ptr,
+                                 const at::Tensor& children, const at::Tensor& node_row_ptr,
+                                 int64_t root) {
+  const TreeArgs tree{child_ptr, children, node_row_ptr};
+  check_search_args(hidden, weight, bias, tree, root);
+  auto out = at::empty({hidden.size(0), weight.size(0) + 1}, hidden.options());
+  const int max_children = max_children_of(child_ptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "leaf_log_prob_all_cpu", [&] {
+        const auto a = args_of<scalar_t>(hidden, weight, bias, tree, root);
+        scalar_t* o = out.data_ptr<scalar_t>();
+        at::parallel_for(0, hidden.size(0), kSearchGrain, [&](int64_t begin, int64_t end) {
+          all_leaves_range(a, max_children, o, begin, end);
+        });
+      });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hsoftmax, CPU, m) {
   m.impl("topk_leaves", &topk_leaves_cpu);
   m.impl("leaf_rank", &leaf_rank_cpu);
+  m.impl("leaf_log_prob_all", &leaf_log_prob_all_cpu);
 }
 
 }  // namespace hsoftmax

@@ -72,6 +72,16 @@ HSM_ALWAYS_INLINE Vec8f load8_tail(const float* p, int64_t len) {
   return load8(buf);
 }
 
+// The products of a row's last n % 8 elements (zero-padded), rounded before they are added:
+// whether the compiler fuses a tail's multiply and add depends on the surrounding code (it did
+// in dot4 and not in dot inside the target_clones kernels), so the product passes through
+// memory, and every dot of a row gives the same bits wherever it is taken.
+HSM_ALWAYS_INLINE Vec8f tail_product(const float* a, const float* b, int64_t len) {
+  Vec8f p = load8_tail(a, len) * load8_tail(b, len);
+  __asm__("" : "+m"(p));
+  return p;
+}
+
 HSM_ALWAYS_INLINE float reduce8(Vec8f v) {
   float lane[kLanes];
   std::memcpy(lane, &v, sizeof(v));
@@ -86,7 +96,7 @@ HSM_ALWAYS_INLINE float dot<float, float>(const float* __restrict__ a, const flo
   Vec8f acc = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) acc += load8(a + d) * load8(b + d);
-  if (d < n) acc += load8_tail(a + d, n - d) * load8_tail(b + d, n - d);
+  if (d < n) acc += tail_product(a + d, b + d, n - d);
   return reduce8(acc);
 }
 #endif
@@ -114,7 +124,7 @@ HSM_ALWAYS_INLINE float dot_wide<float, float>(const float* __restrict__ a,
     even += load8(a + d) * load8(b + d);
     d += kLanes;
   }
-  if (d < n) odd += load8_tail(a + d, n - d) * load8_tail(b + d, n - d);
+  if (d < n) odd += tail_product(a + d, b + d, n - d);
   return reduce8(even + odd);
 }
 #endif
@@ -142,11 +152,10 @@ HSM_ALWAYS_INLINE void dot4<float, float>(const float* __restrict__ h, const flo
     a3 += x * load8(w[3] + d);
   }
   if (d < n) {
-    const Vec8f x = load8_tail(h + d, n - d);
-    a0 += x * load8_tail(w[0] + d, n - d);
-    a1 += x * load8_tail(w[1] + d, n - d);
-    a2 += x * load8_tail(w[2] + d, n - d);
-    a3 += x * load8_tail(w[3] + d, n - d);
+    a0 += tail_product(h + d, w[0] + d, n - d);
+    a1 += tail_product(h + d, w[1] + d, n - d);
+    a2 += tail_product(h + d, w[2] + d, n - d);
+    a3 += tail_product(h + d, w[3] + d, n - d);
   }
   out[0] = reduce8(a0);
   out[1] = reduce8(a1);

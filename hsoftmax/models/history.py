@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsoftmax.nn import DenseSoftmax, rank_by_id, topk_by_id
+from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax, rank_by_id, topk_by_id
 
 __all__ = [
     "HISTORY_KINDS",
@@ -269,22 +269,21 @@ class HistoryMixture(nn.Module):
     The mixture's top-k holds at most k classes outside W, and they are the head's best k classes
     outside W; at most m of the head's top-(k + m) lie in W, so those k are inside the head's
     top-(k + m). Hence ``topk_mix ⊆ W ∪ topk_head(k + m)``: score that candidate set exactly and
-    take its best k (ties by lower id).
+    take its best k (in the order below).
 
     **Exact rank.** ``rank(y) = 1 + #{l in W beating y} + #{l outside W beating y}`` where l beats
-    y if ``p(l) > p(y)`` or they are equal and ``l < y``. If y is outside W, the second count is
+    y if it comes first in the order below. If y is outside W, the second count is
     the head's own: ``head.rank(y) - 1 - #{l in W beating y under the head}``. If y is in W,
-    it is the number of classes outside W with ``log(1-g) + log p_head(l) > log p(y)``: a threshold
-    count of the head (TODO: a pruned ``head.count_above(hidden, threshold)``; for now it scores
-    all V classes with ``head.log_prob_all`` for those rows only).
+    it is the number of classes outside W whose ``log(1-g) + log p_head(l)`` beats ``log p(y)``,
+    counted over all V classes for those rows only (TODO: a pruned tree search).
 
-    Rounding: values are floats, so "equal" means equal as computed; classes outside W are
-    compared through the head's log-probs, so a tie created only by rounding
-    ``log(1-g) + log p_head`` keeps the head's order. Known limit: ``topk`` scores its candidates
-    with the head's ``log_prob`` while ``rank`` counts through ``head.rank``; for a tree head on
-    the CPU these are two kernels whose values can differ in the last bit, so classes whose
-    head log-probs are exactly equal in real arithmetic (e.g. constructed zero-weight ties) may
-    be ordered differently by the two. Distinct values are ordered identically.
+    Order and rounding: classes are ordered by mixture log-prob, then by the head's log-prob,
+    then by lower id, all as computed (floats). Outside W the mixture value ``log(1-g) +
+    log p_head`` is a monotone function of the head's, so with the head's value as the second key
+    the order there is exactly the head's own, even where rounding makes two mixture values
+    equal; ``topk`` and ``rank`` use the head's values with the bits its own ``topk``/``rank``
+    use (a tree head on the CPU: ``log_prob``, which has the search's bits; otherwise
+    ``head.ranking_log_prob_all``), so ``topk(V)`` lists the target at position ``rank``.
 
     A row with an empty window has ``g = 0``: the mixture is the head.
     """
@@ -356,75 +355,112 @@ class HistoryMixture(nn.Module):
         at_window = self._mix(log_g, log_1mg, log_hist, log_head.gather(1, window.loc))
         return out.scatter(1, window.loc, at_window)
 
+    def _head_ranking(self, hidden) -> torch.Tensor | None:
+        """The head's log-probs of all classes with the bits its own ``topk``/``rank`` order by,
+        or None for a tree head on the CPU, whose per-class values (``log_prob``), top-k and
+        rank already share their bits and need no O(V) pass."""
+        if isinstance(self.head, HierarchicalSoftmax) and hidden.device.type == "cpu":
+            return None
+        return self.head.ranking_log_prob_all(hidden)
+
     @torch.no_grad()
     def topk(self, hidden, window: Window, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k of the mixture: (values (B, k'), indices (B, k')), k' = min(k, V),
-        by log-prob descending then id ascending (see the class docstring for the proof)."""
+        by log-prob descending, then the head's log-prob descending, then id ascending (see
+        the class docstring for the proof)."""
         _check_k(k)
         v = self.num_classes
-        k = min(k, v)
+        k = min(int(k), v)
         m = int(window.num_distinct.max()) if window.loc.numel() else 0
-        _, head_ids = self.head.topk(hidden, min(k + m, v))
+        lp_all = self._head_ranking(hidden)
+        if lp_all is None:
+            _, head_ids = self.head.topk(hidden, min(k + m, v))
+        else:
+            head_ids = topk_by_id(lp_all, min(k + m, v))[1]
         ids = torch.cat([window.loc, head_ids], dim=1)
-        values = self._candidate_values(hidden, window, ids)
-        ids, order = ids.sort(1)  # by id, so a stable sort by value breaks ties by lower id
-        values = values.gather(1, order)
+        log_g, log_1mg = self.log_gates(hidden, window)
+        if lp_all is None:
+            log_head = _head_log_prob_many(self.head, hidden, ids)
+        else:
+            log_head = lp_all.gather(1, ids)
+        values = self._mix(log_g, log_1mg, window.log_p_of(ids), log_head)
+        ids, order = ids.sort(1)  # by id, then stable sorts by head value and by mixture value
+        values, log_head = values.gather(1, order), log_head.gather(1, order)
         dup = torch.zeros_like(ids, dtype=torch.bool)
         dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
         values = values.masked_fill(dup, _NEG_INF)
+        log_head = log_head.masked_fill(dup, _NEG_INF)
+        by_head = log_head.sort(dim=1, descending=True, stable=True).indices
+        ids, values = ids.gather(1, by_head), values.gather(1, by_head)
         top = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
         return values.gather(1, top), ids.gather(1, top)
 
-    def _candidate_values(self, hidden, window: Window, ids: torch.Tensor) -> torch.Tensor:
-        log_g, log_1mg = self.log_gates(hidden, window)
-        log_head = _head_log_prob_many(self.head, hidden, ids)
-        return self._mix(log_g, log_1mg, window.log_p_of(ids), log_head)
-
     @torch.no_grad()
     def rank(self, hidden, window: Window, target) -> torch.Tensor:
-        """(B,) int64 exact 1-based rank of ``target`` under the mixture (ties by lower id)."""
+        """(B,) int64 exact 1-based rank of ``target`` under the mixture, in ``topk``'s order
+        (log-prob, then the head's log-prob, then lower id)."""
         log_g, log_1mg = self.log_gates(hidden, window)
+        lp_all = self._head_ranking(hidden)
         ids = torch.cat([target[:, None], window.loc], dim=1)
-        log_head = _head_log_prob_many(self.head, hidden, ids)
+        if lp_all is None:
+            log_head = _head_log_prob_many(self.head, hidden, ids)
+        else:
+            log_head = lp_all.gather(1, ids)
         log_hist = torch.cat([window.log_p_of(target[:, None]), window.log_p], dim=1)
         mix = self._mix(log_g, log_1mg, log_hist, log_head)
         y_mix, w_mix = mix[:, :1], mix[:, 1:]
+        y_head, w_head = log_head[:, :1], log_head[:, 1:]
         y = target[:, None]
-        lower = window.loc < y
+        head_first = (w_head > y_head) | ((w_head == y_head) & (window.loc < y))
         # y's own positions never beat it (their value may differ from y_mix by rounding)
         beats_in_w = (
-            window.first & (window.loc != y) & ((w_mix > y_mix) | ((w_mix == y_mix) & lower))
+            window.first & (window.loc != y) & ((w_mix > y_mix) | ((w_mix == y_mix) & head_first))
         )
         rank = 1 + beats_in_w.sum(1)
         in_w = torch.isfinite(log_hist[:, 0])
         out_w = ~in_w
         if bool(out_w.any()):
+            # outside W the mixture value is a monotone function of the head's, so with the
+            # head's value as the tie-break the order there is the head's own
             rows = out_w.nonzero()[:, 0]
-            head_rank = self.head.rank(hidden[rows], target[rows])
-            y_head, w_head = log_head[rows, :1], log_head[rows, 1:]
-            beats = window.first[rows] & ((w_head > y_head) | ((w_head == y_head) & lower[rows]))
-            outside = (head_rank - 1 - beats.sum(1)).clamp(min=0)
-            rank[rows] += outside
+            if lp_all is None:
+                head_rank = self.head.rank(hidden[rows], target[rows])
+            else:
+                head_rank = rank_by_id(lp_all[rows], target[rows])
+            beats = window.first[rows] & head_first[rows]
+            rank[rows] += (head_rank - 1 - beats.sum(1)).clamp(min=0)
         if bool(in_w.any()):
             rows = in_w.nonzero()[:, 0]
-            rank[rows] += self._count_outside_above(
-                hidden[rows], window_rows(window, rows), (y_mix - log_1mg)[rows], target[rows]
+            rank[rows] += self._count_outside_beating(
+                hidden[rows],
+                window_rows(window, rows),
+                log_g[rows],
+                log_1mg[rows],
+                y_mix[rows],
+                y_head[rows],
+                target[rows],
+                None if lp_all is None else lp_all[rows],
             )
         return rank
 
-    def _count_outside_above(self, hidden, window: Window, threshold, target) -> torch.Tensor:
-        """(B,) ``#{l outside W: log p_head(l) > threshold, or == and l < target}``.
+    def _count_outside_beating(
+        self, hidden, window: Window, log_g, log_1mg, y_mix, y_head, target, lp_all
+    ) -> torch.Tensor:
+        """(B,) ``#{l outside W: l comes before the target}`` for targets inside W: every class
+        scored with the head's ranking bits, in chunks of rows (O(V) per row).
 
-        TODO(head): use a pruned ``head.count_above(hidden, threshold)`` tree search when the
-        head has one; this fallback scores all V classes (chunked to bound memory).
+        TODO(head): a pruned tree search (``head.count_above``) would make this O(searched
+        nodes); the order's tie-breaks would have to be carried into it.
         """
         out = []
         for s in range(0, hidden.shape[0], 256):
-            lp = self.head.log_prob_all(hidden[s : s + 256])
-            thr, y = threshold[s : s + 256], target[s : s + 256, None]
+            sl = slice(s, s + 256)
+            lp = lp_all[sl] if lp_all is not None else self.head.ranking_log_prob_all(hidden[sl])
             ids = torch.arange(lp.shape[1], device=lp.device)[None, :]
-            above = (lp > thr) | ((lp == thr) & (ids < y))
-            loc, valid = window.loc[s : s + 256], window.valid[s : s + 256]
+            mix = self._mix(log_g[sl], log_1mg[sl], torch.full_like(lp, _NEG_INF), lp)
+            first = (lp > y_head[sl]) | ((lp == y_head[sl]) & (ids < target[sl, None]))
+            above = (mix > y_mix[sl]) | ((mix == y_mix[sl]) & first)
+            loc, valid = window.loc[sl], window.valid[sl]
             hits = torch.zeros_like(lp, dtype=torch.long).scatter_add_(1, loc, valid.long())
             out.append((above & (hits == 0)).sum(1))
         return torch.cat(out)
