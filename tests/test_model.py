@@ -350,3 +350,16 @@ def test_mixture_topk_and_rank_agree_on_rounding_ties(head_kind):
         _, order = mix.topk(hidden, window, v)
         assert torch.equal(order.gather(1, (rank - 1)[:, None])[:, 0], y)
         assert torch.equal(order.sort(1).values, torch.arange(v).expand(6, v))
+
+
+def test_mixture_refuses_window_ids_out_of_range():
+    head = DenseSoftmax(3, 6, dtype=torch.float64)
+    mix = HistoryMixture(head, 3, scorer=HistoryScorer()).double()
+    hidden = torch.randn(2, 3, dtype=torch.float64)
+    window = mix.scorer(torch.tensor([[1, 9], [2, 0]]), torch.tensor([[1, 1], [1, 0]], dtype=bool))
+    with pytest.raises(IndexError, match=r"window.loc\[0, 1\] = 9 is out of range for 6 classes"):
+        mix(hidden, window, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="window.loc must have shape"):
+        mix.rank(hidden[:1], window, torch.tensor([1]))
+    ok = mix.scorer(torch.tensor([[1, 5], [2, 0]]), torch.tensor([[1, 1], [1, 0]], dtype=bool))
+    assert torch.isfinite(mix(hidden, ok, torch.tensor([1, 2])))

@@ -303,10 +303,29 @@ class HistoryMixture(nn.Module):
     def log_gates(self, hidden: torch.Tensor, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, 1) log g, (B, 1) log(1 - g)); g = 0 for a row whose window is empty (no
         history distribution to mix in), so that row is the head's distribution."""
+        self._check_window(hidden, window)
         a = self.gate(hidden)
         log_g, log_1mg = F.logsigmoid(a), F.logsigmoid(-a)
         empty = (window.num_distinct == 0)[:, None]
         return log_g.masked_fill(empty, _NEG_INF), log_1mg.masked_fill(empty, 0.0)
+
+    def _check_window(self, hidden, window: Window) -> None:
+        """Every method passes through log_gates, hence here: a window of another batch or with
+        ids outside [0, V) would silently drop history mass."""
+        if window.loc.dim() != 2 or window.loc.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"window.loc must have shape (B, L) with B = {hidden.shape[0]}, "
+                f"got {tuple(window.loc.shape)}"
+            )
+        if window.loc.numel() == 0 or torch.compiler.is_compiling():
+            return
+        bad = window.valid & ((window.loc < 0) | (window.loc >= self.num_classes))
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise IndexError(
+                f"window.loc[{where[0]}, {where[1]}] = {int(window.loc[where])} is out of range "
+                f"for {self.num_classes} classes"
+            )
 
     def _mix(self, log_g, log_1mg, log_hist, log_head):
         return torch.logaddexp(log_g + log_hist, log_1mg + log_head)
