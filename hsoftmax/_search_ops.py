@@ -50,6 +50,18 @@ def search_tree(tree: Tree) -> SearchTree:
     )
 
 
+def _scoring_args(hidden, weight, bias) -> tuple:
+    return (
+        hidden.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+    )
+
+
+def _child_lists(tree: SearchTree) -> tuple:
+    return tree.child_ptr, tree.children, tree.node_row_ptr
+
+
 def topk_leaves(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -70,14 +82,7 @@ def topk_leaves(
         Deterministic: the result does not depend on the thread count.
     """
     return torch.ops.hsoftmax.topk_leaves(
-        hidden.contiguous(),
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        tree.child_ptr,
-        tree.children,
-        tree.node_row_ptr,
-        tree.root,
-        k,
+        *_scoring_args(hidden, weight, bias), *_child_lists(tree), tree.root, k
     )
 
 
@@ -94,12 +99,8 @@ def leaf_rank(
     the order of :func:`topk_leaves` with ``k = V``.
     """
     return torch.ops.hsoftmax.leaf_rank(
-        hidden.contiguous(),
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        tree.child_ptr,
-        tree.children,
-        tree.node_row_ptr,
+        *_scoring_args(hidden, weight, bias),
+        *_child_lists(tree),
         tree.leaf_path_ptr,
         tree.path_node,
         tree.path_choice,
@@ -114,13 +115,7 @@ def leaf_log_prob_all(
     """(B, V) ``log p(leaf | hidden)`` of every leaf with the bits :func:`topk_leaves` and
     :func:`leaf_rank` order by (CPU, not differentiable)."""
     return torch.ops.hsoftmax.leaf_log_prob_all(
-        hidden.contiguous(),
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        tree.child_ptr,
-        tree.children,
-        tree.node_row_ptr,
-        tree.root,
+        *_scoring_args(hidden, weight, bias), *_child_lists(tree), tree.root
     )
 
 

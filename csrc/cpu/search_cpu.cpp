@@ -326,6 +326,40 @@ HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max
   }
 }
 
+// Depth-first walk from the root into every subtree whose prefix log-prob is >= threshold
+// (-inf: the whole tree), calling leaf(log_prob, id) for each leaf reached at >= threshold.
+// Prefixes are accumulated root-down with child_log_probs, as in the top-k search.
+template <typename scalar_t, typename LeafFn>
+HSM_ALWAYS_INLINE void walk_at_least(const SearchArgs<scalar_t>& a, const scalar_t* h,
+                                     at::opmath_type<scalar_t> threshold,
+                                     at::opmath_type<scalar_t>* local,
+                                     std::vector<Entry<at::opmath_type<scalar_t>>>& stack,
+                                     LeafFn&& leaf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  stack.clear();
+  if (a.root < a.num_leaves) {  // a one-leaf tree: log p = 0
+    if (acc_t(0) >= threshold) leaf(acc_t(0), a.root);
+    return;
+  }
+  stack.push_back({acc_t(0), a.root});
+  while (!stack.empty()) {
+    const Entry<acc_t> top = stack.back();
+    stack.pop_back();
+    const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local);
+    const int64_t first = a.child_ptr[top.node - a.num_leaves];
+    for (int j = 0; j < c; ++j) {
+      const acc_t lp = top.log_prob + local[j];
+      if (lp < threshold) continue;
+      const int64_t child = a.children[first + j];
+      if (child >= a.num_leaves) {
+        stack.push_back({lp, child});
+      } else {
+        leaf(lp, child);
+      }
+    }
+  }
+}
+
 // Rank of target y: log p(y) along y's path, then a depth-first search that enters only the
 // subtrees whose prefix is >= log p(y) and counts the leaves ordered before y.
 template <typename scalar_t>
@@ -346,24 +380,9 @@ HSM_CPU_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* lea
       threshold = threshold + local[path_choice[s]];
     }
     int64_t before = 0;
-    stack.clear();
-    if (a.root >= a.num_leaves) stack.push_back({acc_t(0), a.root});
-    while (!stack.empty()) {
-      const Entry<acc_t> top = stack.back();
-      stack.pop_back();
-      const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local.data());
-      const int64_t first = a.child_ptr[top.node - a.num_leaves];
-      for (int j = 0; j < c; ++j) {
-        const acc_t lp = top.log_prob + local[j];
-        if (lp < threshold) continue;
-        const int64_t child = a.children[first + j];
-        if (child >= a.num_leaves) {
-          stack.push_back({lp, child});
-        } else if (lp > threshold || child < y) {
-          ++before;
-        }
-      }
-    }
+    walk_at_least(a, h, threshold, local.data(), stack, [&](acc_t lp, int64_t leaf) {
+      if (lp > threshold || leaf < y) ++before;
+    });
     rank[b] = before + 1;
   }
 }
@@ -379,27 +398,8 @@ HSM_CPU_CLONES void all_leaves_range(const SearchArgs<scalar_t>& a, int max_chil
   for (int64_t b = begin; b < end; ++b) {
     const scalar_t* h = a.hidden + b * a.dim;
     scalar_t* row = out + b * a.num_leaves;
-    if (a.root < a.num_leaves) {  // a one-leaf tree
-      row[a.root] = scalar_t(0);
-      continue;
-    }
-    stack.clear();
-    stack.push_back({acc_t(0), a.root});
-    while (!stack.empty()) {
-      const Entry<acc_t> top = stack.back();
-      stack.pop_back();
-      const int c = child_log_probs<scalar_t, acc_t>(a, h, top.node, local.data());
-      const int64_t first = a.child_ptr[top.node - a.num_leaves];
-      for (int j = 0; j < c; ++j) {
-        const acc_t lp = top.log_prob + local[j];
-        const int64_t child = a.children[first + j];
-        if (child >= a.num_leaves) {
-          stack.push_back({lp, child});
-        } else {
-          row[child] = static_cast<scalar_t>(lp);
-        }
-      }
-    }
+    walk_at_least(a, h, -std::numeric_limits<acc_t>::infinity(), local.data(), stack,
+                  [&](acc_t lp, int64_t leaf) { row[leaf] = static_cast<scalar_t>(lp); });
   }
 }
 

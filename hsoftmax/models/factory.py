@@ -15,6 +15,7 @@ from hsoftmax.tree import Tree
 from .history_centric import HistoryCentricModel, HistoryEncoder
 
 __all__ = [
+    "ENCODER_SIZE_KEYS",
     "HEADS",
     "MODEL_DEFAULTS",
     "TREES",
@@ -27,6 +28,20 @@ __all__ = [
 ]
 
 HEADS = ("hsoftmax", "dense")
+# the encoder's size keys of the model config (positive ints), passed to HistoryEncoder
+ENCODER_SIZE_KEYS = (
+    "loc_emb_dim",
+    "user_emb_dim",
+    "time_emb_dim",
+    "weekday_emb_dim",
+    "duration_emb_dim",
+    "diff_emb_dim",
+    "d_model",
+    "num_layers",
+    "nhead",
+    "dim_feedforward",
+    "max_len",
+)
 TREES = ("balanced", "kmeans", "huffman")
 
 MODEL_DEFAULTS: dict = {
@@ -126,23 +141,7 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
     encoder = HistoryEncoder(
         data.n_locations,
         data.n_users,
-        **{
-            k: cfg[k]
-            for k in (
-                "loc_emb_dim",
-                "user_emb_dim",
-                "time_emb_dim",
-                "weekday_emb_dim",
-                "duration_emb_dim",
-                "diff_emb_dim",
-                "d_model",
-                "num_layers",
-                "nhead",
-                "dim_feedforward",
-                "dropout",
-                "max_len",
-            )
-        },
+        **{k: cfg[k] for k in (*ENCODER_SIZE_KEYS, "dropout")},
     )
     return HistoryCentricModel(encoder, build_head(cfg, data, tree), history=cfg["history"])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from hsoftmax.models.factory import MODEL_DEFAULTS
+from hsoftmax.models.factory import ENCODER_SIZE_KEYS, MODEL_DEFAULTS
 
 __all__ = [
     "DEFAULTS",
@@ -245,19 +245,7 @@ def _validate_types(cfg: dict) -> None:
         d["max_len"] is None or (_is_int(d["max_len"]) and d["max_len"] >= 1),
         "a positive int or null",
     )
-    for key in (
-        "loc_emb_dim",
-        "user_emb_dim",
-        "time_emb_dim",
-        "weekday_emb_dim",
-        "duration_emb_dim",
-        "diff_emb_dim",
-        "d_model",
-        "num_layers",
-        "nhead",
-        "dim_feedforward",
-        "max_len",
-    ):
+    for key in ENCODER_SIZE_KEYS:
         _check(cfg, f"model.{key}", _is_int(m[key]) and m[key] >= 1, "a positive int")
     _check(cfg, "model.dropout", _is_num(m["dropout"]) and 0 <= m["dropout"] < 1, "in [0, 1)")
     _check(
