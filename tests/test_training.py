@@ -283,3 +283,21 @@ def test_data_cli_reports_bad_arguments(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["data", "samples", "--staypoints", sp, "--out", out, "--tz", "Mars/Olympus"]) == 1
     assert "Mars/Olympus" in capsys.readouterr().err
+
+
+def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
+    from hsoftmax.training.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save({"epoch": 2, "bad": Unpicklable()}, path)
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no .tmp left behind
+    atomic_write_text(tmp_path / "a.json", "{}\n")
+    assert (tmp_path / "a.json").read_text() == "{}\n"

@@ -13,30 +13,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "get_rng_state", "load_checkpoint", "set_rng_state"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "get_rng_state",
+    "load_checkpoint",
+    "set_rng_state",
+]
+
+
+def _atomic_write(path: str | os.PathLike, mode: str, write) -> None:
+    """``write(file)`` into ``<path>.tmp``, fsync, then rename over ``path``: a reader (or a
+    resumed run) sees the old file or the new one, never a truncated one. A failed write
+    removes the temporary file and re-raises."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename: a reader (or a
-    resumed run) sees the old file or the new one, never a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
