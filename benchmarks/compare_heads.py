@@ -43,6 +43,19 @@ CONFIGS: dict[str, list[str]] = {
     "hs-kmeans128+mixture": ["model.head=hsoftmax", "model.tree=kmeans", "model.history=mixture"],
     "hs-huffman": ["model.head=hsoftmax", "model.tree=huffman", "model.history=none"],
     "hs-huffman+mixture": ["model.head=hsoftmax", "model.tree=huffman", "model.history=mixture"],
+    # label smoothing of each tree decision (O(path)) instead of over all V classes (O(V))
+    "hs-binary+nodes": [
+        "model.head=hsoftmax",
+        "model.tree=balanced",
+        "model.history=none",
+        "model.smoothing=nodes",
+    ],
+    "hs-huffman+nodes": [
+        "model.head=hsoftmax",
+        "model.tree=huffman",
+        "model.history=none",
+        "model.smoothing=nodes",
+    ],
 }
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 

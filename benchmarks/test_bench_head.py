@@ -186,15 +186,22 @@ def test_smoothed_loss_dense(benchmark, smoothing_inputs, eps):
 
 @pytest.mark.benchmark(group="smoothed-loss")
 @pytest.mark.parametrize("arity", [2, 128])
-@pytest.mark.parametrize("eps", [0.0, 0.05])
-def test_smoothed_loss_hs(benchmark, smoothing_inputs, arity, eps):
-    """fwd + bwd of the tree head's loss; eps > 0 adds the exact mean over all V leaves."""
+@pytest.mark.parametrize(
+    "eps,smoothing",
+    [(0.0, "leaves"), (0.05, "leaves"), (0.05, "nodes")],
+    ids=["0", "leaves", "nodes"],
+)
+def test_smoothed_loss_hs(benchmark, smoothing_inputs, arity, eps, smoothing):
+    """fwd + bwd of the tree head's loss; eps > 0 with ``"leaves"`` adds the exact mean over all
+    V leaves, with ``"nodes"`` the mean over each path node's children."""
     hidden, target = smoothing_inputs
     head = HierarchicalSoftmax(D, Tree.balanced(V, arity))
     params = list(head.parameters())
-    loss, _ = run(
-        benchmark, _fwd_bwd(lambda h: head(h, target, label_smoothing=eps), hidden, params)
-    )
+
+    def loss_fn(h):
+        return head(h, target, label_smoothing=eps, smoothing=smoothing)
+
+    loss, _ = run(benchmark, _fwd_bwd(loss_fn, hidden, params))
     assert torch.isfinite(loss)
 
 

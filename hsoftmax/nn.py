@@ -79,6 +79,7 @@ class _Head(nn.Module):
         reduction: str = "mean",
         ignore_index: int | None = None,
         label_smoothing: float = 0.0,
+        smoothing: str = "leaves",
     ) -> torch.Tensor:
         """Negative log-likelihood of ``target``, the contract of ``F.cross_entropy``.
 
@@ -91,7 +92,13 @@ class _Head(nn.Module):
                 ``None`` (the default) ignores nothing, so every target must be a valid id.
             label_smoothing: eps in [0, 1]: ``(1 - eps) * nll + eps * mean_l(-log p(l))``, the
                 uniform mixture of ``F.cross_entropy``; costs O(V * D) per example when > 0.
+            smoothing: ``"leaves"`` (the above, exact over all V classes) or ``"nodes"``: every
+                decision on the target's path is smoothed towards uniform over its node's
+                children, ``sum_n [(1 - eps) * (-log p(c_n | n)) + eps * mean_c(-log p(c | n))]``,
+                O(path) per example. The two are equal for a one-level softmax (the dense head).
         """
+        if smoothing not in ("leaves", "nodes"):
+            raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
@@ -111,7 +118,10 @@ class _Head(nn.Module):
             keep = target != ignore_index
             target = torch.where(keep, target, torch.zeros_like(target))
         if label_smoothing > 0:
-            nll, smooth = self._nll_and_smoothing(hidden, target)
+            if smoothing == "nodes":
+                nll, smooth = self._nll_and_node_smoothing(hidden, target)
+            else:
+                nll, smooth = self._nll_and_smoothing(hidden, target)
             loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
         else:
             loss = -self._log_prob(hidden, target)
@@ -178,6 +188,11 @@ class _Head(nn.Module):
     def _nll_and_smoothing(self, hidden, target):
         """((B,) -log p(target), (B,) mean over classes of -log p)."""
         raise NotImplementedError
+
+    def _nll_and_node_smoothing(self, hidden, target):
+        """((B,) -log p(target), (B,) sum over the target's path nodes of the mean over the
+        node's children of -log p(child | node)); a one-level head: the leaves' smoothing."""
+        return self._nll_and_smoothing(hidden, target)
 
     def _topk(self, hidden, k):
         return topk_by_id(self._log_prob_all(hidden), k)
@@ -439,6 +454,34 @@ class HierarchicalSoftmax(_Head):
             return nll, torch.zeros_like(nll)
         return nll, self._mean_neg_log_prob(hidden).to(nll.dtype)
 
+    def _nll_and_node_smoothing(self, hidden, target):
+        nll = -self._log_prob(hidden, target)
+        if self.num_leaves == 1:
+            return nll, torch.zeros_like(nll)
+        t = self._node_paths(hidden.device)
+        rows, use, pos, count = t.rows[target], t.use[target], t.pos[target], t.count[target]
+        z = torch.einsum("bd,brd->br", hidden, self.weight[rows])
+        if self.bias is not None:
+            z = z + self.bias[rows]
+        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        # per path node: lse over the logits (0 for child 0, z for the node's rows) and their sum
+        neg_inf = torch.full_like(z, float("-inf"))
+        m = torch.zeros(count.shape, dtype=z.dtype, device=z.device)
+        m = m.scatter_reduce(1, pos, torch.where(use, z, neg_inf), "amax").detach()
+        e = torch.where(use, z - m.gather(1, pos), neg_inf).exp()
+        lse = m + (torch.exp(-m) + torch.zeros_like(m).scatter_add(1, pos, e)).log()
+        zsum = torch.zeros_like(m).scatter_add(1, pos, torch.where(use, z, 0.0))
+        per_node = torch.where(count > 0, lse - zsum / count.clamp(min=1), 0.0)
+        return nll, per_node.sum(1).to(nll.dtype)
+
+    def _node_paths(self, device: torch.device) -> _NodePaths:
+        key = ("node_paths", device)
+        paths = self._cache.get(key)
+        if paths is None:  # built on first use: (V, max_path_rows) tables
+            paths = _NodePaths.build(self.tree, device)
+            self._cache[key] = paths
+        return paths
+
     def _mean_neg_log_prob(self, hidden) -> torch.Tensor:
         """(B,) ``mean_l(-log p(l))`` over the V leaves, the label-smoothing term."""
         return -self._node_logits(hidden)[2]
@@ -687,6 +730,45 @@ class _SmoothBucket:
             share=self.share.to(device),
             node_share=self.node_share.to(device),
         )
+
+
+@dataclass(frozen=True)
+class _NodePaths:
+    """Each leaf's path as its weight rows, padded to the tree's ``max_path_rows`` R, with the
+    position of each row's node on the path (depth L): the tables of node-level smoothing."""
+
+    rows: torch.Tensor  # (V, R) int64 weight row (0 at pads)
+    use: torch.Tensor  # (V, R) bool: a real row
+    pos: torch.Tensor  # (V, R) int64: position of the row's node on the path (0 at pads)
+    count: torch.Tensor  # (V, L) children of the path's node at each position (0 at pads)
+
+    @staticmethod
+    def build(tree: Tree, device) -> _NodePaths:
+        compiled = tree.compiled("cpu")
+        ptr = compiled.leaf_path_ptr.numpy()
+        node = compiled.path_node.numpy().astype(np.int64)
+        row_ptr = compiled.node_row_ptr.numpy().astype(np.int64)
+        v, lengths = tree.num_leaves, np.diff(ptr)
+        depth = max(int(lengths.max()) if v else 0, 1)
+        width = max(tree.max_path_rows, 1)
+        leaf = np.repeat(np.arange(v), lengths)
+        at = np.arange(node.size) - ptr[leaf]  # position of each path entry on its path
+        nrows = row_ptr[node + 1] - row_ptr[node]
+        count = np.zeros((v, depth), dtype=np.int64)
+        count[leaf, at] = nrows + 1
+        entry = np.repeat(np.arange(node.size), nrows)  # one item per (path entry, row)
+        first_item = np.cumsum(nrows) - nrows
+        row = row_ptr[node[entry]] + np.arange(entry.size) - first_item[entry]
+        leaf_items = np.bincount(leaf[entry], minlength=v)
+        col = np.arange(entry.size) - np.repeat(np.cumsum(leaf_items) - leaf_items, leaf_items)
+        rows = np.zeros((v, width), dtype=np.int64)
+        use = np.zeros((v, width), dtype=bool)
+        pos = np.zeros((v, width), dtype=np.int64)
+        rows[leaf[entry], col] = row
+        use[leaf[entry], col] = True
+        pos[leaf[entry], col] = at[entry]
+        tables = {"rows": rows, "use": use, "pos": pos, "count": count}
+        return _NodePaths(**{k: torch.as_tensor(a, device=device) for k, a in tables.items()})
 
 
 @dataclass(frozen=True)

@@ -713,3 +713,81 @@ def test_ranking_log_prob_all_has_the_search_bits(tree_name, dtype):
         dense.ranking_log_prob_all(inputs(dense, 3, 1)[0]),
         dense.log_prob_all(inputs(dense, 3, 1)[0]),
     )
+
+
+# ------------------------------------------------------------------ node-level label smoothing
+
+
+def _node_smoothing_reference(head, hidden, target, eps):
+    """sum over the target's path of (1 - eps) * -log p(c_n | n) + eps * mean_c -log p(c | n),
+    node by node with plain PyTorch (child 0's logit is 0, child k's the node's row k - 1)."""
+    tree, v = head.tree, head.num_classes
+    parents = tree.parents.numpy()
+    row_ptr = tree.compiled().node_row_ptr
+    out = []
+    for b in range(hidden.shape[0]):
+        total, node = hidden.new_zeros(()), int(target[b])
+        while parents[node] >= 0:
+            parent = int(parents[node])
+            kids = tree.children(parent)
+            r0 = int(row_ptr[parent - v])
+            z = (
+                head.weight[r0 : r0 + len(kids) - 1] @ hidden[b]
+                + head.bias[r0 : r0 + len(kids) - 1]
+            )
+            lp = torch.cat([hidden.new_zeros(1), z]).log_softmax(0)
+            total = total + (1 - eps) * -lp[kids.index(node)] + eps * -lp.mean()
+            node = parent
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "tree_name", ["V7-ternary", "V64-binary", "V40-caterpillar", "V1000-random"]
+)
+def test_node_smoothing_against_brute_force(tree_name):
+    tree = get_tree(tree_name)
+    head = hs_head(tree, 5, seed=40, scale=2.0)
+    hidden, target = inputs(head, batch=11, seed=41)
+    hidden.requires_grad_()
+    got = head(hidden, target, label_smoothing=0.3, smoothing="nodes", reduction="none")
+    want = _node_smoothing_reference(head, hidden, target, 0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    params = [hidden, head.weight, head.bias]
+    for a, b in zip(
+        torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_node_smoothing_equals_cross_entropy_on_a_one_level_tree():
+    tree = get_tree("V50-one-level")
+    head = hs_head(tree, 6, seed=42, scale=2.0)
+    hidden, target = inputs(head, batch=13, seed=43)
+    logits = torch.cat([hidden.new_zeros(13, 1), F.linear(hidden, head.weight, head.bias)], 1)
+    for reduction in ("mean", "none"):
+        want = F.cross_entropy(logits, target, label_smoothing=0.1, reduction=reduction)
+        got = head(hidden, target, label_smoothing=0.1, smoothing="nodes", reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    dense = make_head("dense", tree)
+    h, y = inputs(dense, batch=5, seed=44)
+    assert torch.equal(
+        dense(h, y, label_smoothing=0.2, smoothing="nodes"), dense(h, y, label_smoothing=0.2)
+    )
+
+
+def test_node_smoothing_with_ignore_index_float32_and_bad_mode():
+    tree = get_tree("V1000-random")
+    head = hs_head(tree, 5, seed=45, dtype=torch.float32)
+    hidden, target = inputs(head, batch=6, seed=46)
+    target[2] = -100
+    loss = head(hidden, target, ignore_index=-100, label_smoothing=0.1, smoothing="nodes",
+                reduction="none")  # fmt: skip
+    assert loss[2] == 0 and bool(torch.isfinite(loss).all()) and loss.dtype == torch.float32
+    ref = _node_smoothing_reference(
+        copy.deepcopy(head).double(), hidden.double(), target.clamp(min=0), 0.1
+    )
+    keep = target != -100
+    torch.testing.assert_close(loss[keep].double(), ref[keep], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="smoothing must be 'leaves' or 'nodes'"):
+        head(hidden, target.clamp(min=0), label_smoothing=0.1, smoothing="paths")

@@ -363,3 +363,15 @@ def test_mixture_refuses_window_ids_out_of_range():
         mix.rank(hidden[:1], window, torch.tensor([1]))
     ok = mix.scorer(torch.tensor([[1, 5], [2, 0]]), torch.tensor([[1, 1], [1, 0]], dtype=bool))
     assert torch.isfinite(mix(hidden, ok, torch.tensor([1, 2])))
+
+
+def test_node_smoothing_through_the_model():
+    model = make("hsoftmax", "balanced", "none", smoothing="nodes")
+    batch = fake_batch()
+    hidden, _ = model.hidden_and_window(batch)
+    want = model.head(hidden, batch["y"], label_smoothing=0.1, smoothing="nodes")
+    torch.testing.assert_close(model(batch, label_smoothing=0.1), want)
+    leaves = model.head(hidden, batch["y"], label_smoothing=0.1)
+    assert not torch.allclose(want, leaves)  # a different objective on a deep tree
+    with pytest.raises(ValueError, match="smoothing 'nodes' .* is defined for a head alone"):
+        make("hsoftmax", "balanced", "mixture", smoothing="nodes")

@@ -301,3 +301,12 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no .tmp left behind
     atomic_write_text(tmp_path / "a.json", "{}\n")
     assert (tmp_path / "a.json").read_text() == "{}\n"
+
+
+def test_node_smoothing_config():
+    cfg = load_config("diy", ["model.history=none", "model.smoothing=nodes"])
+    assert cfg["model"]["smoothing"] == "nodes"
+    with pytest.raises(ConfigError, match="model.smoothing 'nodes' .* needs model.history 'none'"):
+        load_config("diy", ["model.smoothing=nodes"])
+    with pytest.raises(ConfigError, match="model.smoothing must be 'leaves' or 'nodes'"):
+        load_config("diy", ["model.history=none", "model.smoothing=edges"])

@@ -63,6 +63,9 @@ MODEL_DEFAULTS: dict = {
     "tree_branching": 128,  # kmeans tree: int, list of ints, or "binary"
     "tree_seed": 0,
     "history": "mixture",  # none | mixture | logit_add (dense head only)
+    # label smoothing over all classes ("leaves", exact, O(V) per example) or of each tree
+    # decision towards uniform over its children ("nodes", O(path); history "none" only)
+    "smoothing": "leaves",
 }
 
 
@@ -143,7 +146,9 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
         data.n_users,
         **{k: cfg[k] for k in (*ENCODER_SIZE_KEYS, "dropout")},
     )
-    return HistoryCentricModel(encoder, build_head(cfg, data, tree), history=cfg["history"])
+    return HistoryCentricModel(
+        encoder, build_head(cfg, data, tree), history=cfg["history"], smoothing=cfg["smoothing"]
+    )
 
 
 def parameter_report(model: HistoryCentricModel) -> dict[str, int]:

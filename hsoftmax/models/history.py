@@ -229,16 +229,23 @@ def _check_k(k: int) -> None:
 class HeadOnly(nn.Module):
     """No history: the head alone, behind the window-taking interface."""
 
-    def __init__(self, head: nn.Module):
+    def __init__(self, head: nn.Module, smoothing: str = "leaves"):
         super().__init__()
         self.head = head
+        self.smoothing = smoothing  # the head's label-smoothing mode: "leaves" or "nodes"
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
 
     def forward(self, hidden, window, target, reduction="mean", label_smoothing=0.0):
-        return self.head(hidden, target, reduction=reduction, label_smoothing=label_smoothing)
+        return self.head(
+            hidden,
+            target,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            smoothing=self.smoothing,
+        )
 
     def log_prob(self, hidden, window, target):
         return self.head.log_prob(hidden, target)

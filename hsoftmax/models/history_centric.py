@@ -147,10 +147,24 @@ class HistoryCentricModel(nn.Module):
     * ``model.topk(batch, k)``, ``model.rank(batch)``: exact, ties by lower id.
     """
 
-    def __init__(self, encoder: HistoryEncoder, head: nn.Module, history: str = "mixture"):
+    def __init__(
+        self,
+        encoder: HistoryEncoder,
+        head: nn.Module,
+        history: str = "mixture",
+        smoothing: str = "leaves",
+    ):
         super().__init__()
         if history not in HISTORY_KINDS:
             raise ValueError(f"history must be one of {HISTORY_KINDS}, got {history!r}")
+        if smoothing not in ("leaves", "nodes"):
+            raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
+        if smoothing == "nodes" and history != "none":
+            raise ValueError(
+                "smoothing 'nodes' (each tree decision smoothed towards uniform) is defined for "
+                f"a head alone, not with history {history!r}, whose label smoothing is over all "
+                "classes of the combined distribution"
+            )
         if head.in_features != encoder.d_model:
             raise ValueError(
                 f"head.in_features ({head.in_features}) must equal encoder.d_model "
@@ -159,7 +173,7 @@ class HistoryCentricModel(nn.Module):
         self.history_kind = history
         self.encoder = encoder
         if history == "none":
-            self.output = HeadOnly(head)
+            self.output = HeadOnly(head, smoothing)
         elif history == "mixture":
             self.output = HistoryMixture(head, encoder.d_model, PointerScorer(encoder.d_model))
         else:

@@ -83,6 +83,7 @@ STRING_KEYS = frozenset(
         "model.head",
         "model.tree",
         "model.history",
+        "model.smoothing",
         "train.device",
         "output.dir",
         "output.run_dir",
@@ -317,6 +318,13 @@ def _validate(cfg: dict) -> None:
     for key, allowed in (("head", HEADS), ("tree", TREES), ("history", HISTORY_KINDS)):
         if m[key] not in allowed:
             raise ConfigError(f"model.{key} must be one of {allowed}, got {m[key]!r}")
+    if m["smoothing"] not in ("leaves", "nodes"):
+        raise ConfigError(f"model.smoothing must be 'leaves' or 'nodes', got {m['smoothing']!r}")
+    if m["smoothing"] == "nodes" and m["history"] != "none":
+        raise ConfigError(
+            "model.smoothing 'nodes' smooths each tree decision and needs model.history 'none'; "
+            "the mixture and logit_add smooth over all classes ('leaves')"
+        )
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")
     if not 0.0 <= float(t["label_smoothing"]) <= 1.0:
