@@ -732,6 +732,19 @@ class _SmoothBucket:
         )
 
 
+def _path_entries(tree: Tree):
+    """The tree's path entries (root first) as int64 arrays: ``(node, choice, leaf, position
+    on the leaf's path, max depth >= 1)``."""
+    compiled = tree.compiled("cpu")
+    ptr = compiled.leaf_path_ptr.numpy()
+    node = compiled.path_node.numpy().astype(np.int64)
+    choice = compiled.path_choice.numpy().astype(np.int64)
+    lengths = np.diff(ptr)
+    depth = max(int(lengths.max()) if tree.num_leaves else 0, 1)
+    leaf = np.repeat(np.arange(tree.num_leaves), lengths)
+    return node, choice, leaf, np.arange(node.size) - ptr[leaf], depth
+
+
 @dataclass(frozen=True)
 class _NodePaths:
     """Each leaf's path as its weight rows, padded to the tree's ``max_path_rows`` R, with the
@@ -744,15 +757,9 @@ class _NodePaths:
 
     @staticmethod
     def build(tree: Tree, device) -> _NodePaths:
-        compiled = tree.compiled("cpu")
-        ptr = compiled.leaf_path_ptr.numpy()
-        node = compiled.path_node.numpy().astype(np.int64)
-        row_ptr = compiled.node_row_ptr.numpy().astype(np.int64)
-        v, lengths = tree.num_leaves, np.diff(ptr)
-        depth = max(int(lengths.max()) if v else 0, 1)
-        width = max(tree.max_path_rows, 1)
-        leaf = np.repeat(np.arange(v), lengths)
-        at = np.arange(node.size) - ptr[leaf]  # position of each path entry on its path
+        node, _, leaf, at, depth = _path_entries(tree)
+        row_ptr = tree.compiled("cpu").node_row_ptr.numpy().astype(np.int64)
+        v, width = tree.num_leaves, max(tree.max_path_rows, 1)
         nrows = row_ptr[node + 1] - row_ptr[node]
         count = np.zeros((v, depth), dtype=np.int64)
         count[leaf, at] = nrows + 1
@@ -784,14 +791,8 @@ class _LeafPaths:
     @staticmethod
     def build(tree: Tree, buckets: tuple[_SmoothBucket, ...], device) -> _LeafPaths:
         zcol0, lcol = _SmoothBucket.columns(buckets, tree.num_nodes - tree.num_leaves)
-        compiled = tree.compiled("cpu")
-        ptr = compiled.leaf_path_ptr.numpy()
-        node = compiled.path_node.numpy().astype(np.int64)
-        choice = compiled.path_choice.numpy().astype(np.int64)
-        v, lengths = tree.num_leaves, np.diff(ptr)
-        width = max(int(lengths.max()) if v else 0, 1)
-        leaf = np.repeat(np.arange(v), lengths)
-        pos = np.arange(node.size) - ptr[leaf]
+        node, choice, leaf, pos, width = _path_entries(tree)
+        v = tree.num_leaves
         tables = {name: np.zeros((v, width), dtype=np.int32) for name in ("zcol", "lcol")}
         masks = {name: np.zeros((v, width), dtype=bool) for name in ("zuse", "luse")}
         tables["lcol"][leaf, pos] = lcol[node]
