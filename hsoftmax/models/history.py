@@ -389,6 +389,12 @@ class HistoryMixture(nn.Module):
             return None
         return self.head.ranking_log_prob_all(hidden)
 
+    def _head_values(self, hidden, ids, lp_all) -> torch.Tensor:
+        """(B, K) the head's log-probs of ``ids`` from the source ``_head_ranking`` chose."""
+        if lp_all is None:
+            return _head_log_prob_many(self.head, hidden, ids)
+        return lp_all.gather(1, ids)
+
     @torch.no_grad()
     def topk(self, hidden, window: Window, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k of the mixture: (values (B, k'), indices (B, k')), k' = min(k, V),
@@ -405,10 +411,7 @@ class HistoryMixture(nn.Module):
             head_ids = topk_by_id(lp_all, min(k + m, v))[1]
         ids = torch.cat([window.loc, head_ids], dim=1)
         log_g, log_1mg = self.log_gates(hidden, window)
-        if lp_all is None:
-            log_head = _head_log_prob_many(self.head, hidden, ids)
-        else:
-            log_head = lp_all.gather(1, ids)
+        log_head = self._head_values(hidden, ids, lp_all)
         values = self._mix(log_g, log_1mg, window.log_p_of(ids), log_head)
         ids, order = ids.sort(1)  # by id, then stable sorts by head value and by mixture value
         values, log_head = values.gather(1, order), log_head.gather(1, order)
@@ -428,10 +431,7 @@ class HistoryMixture(nn.Module):
         log_g, log_1mg = self.log_gates(hidden, window)
         lp_all = self._head_ranking(hidden)
         ids = torch.cat([target[:, None], window.loc], dim=1)
-        if lp_all is None:
-            log_head = _head_log_prob_many(self.head, hidden, ids)
-        else:
-            log_head = lp_all.gather(1, ids)
+        log_head = self._head_values(hidden, ids, lp_all)
         log_hist = torch.cat([window.log_p_of(target[:, None]), window.log_p], dim=1)
         mix = self._mix(log_g, log_1mg, log_hist, log_head)
         y_mix, w_mix = mix[:, :1], mix[:, 1:]
