@@ -56,6 +56,19 @@ CONFIGS: dict[str, list[str]] = {
         "model.history=none",
         "model.smoothing=nodes",
     ],
+    # the mixture with the head's node smoothing (the gate and history part unsmoothed)
+    "hs-binary+mixture+nodes": [
+        "model.head=hsoftmax",
+        "model.tree=balanced",
+        "model.history=mixture",
+        "model.smoothing=nodes",
+    ],
+    "hs-huffman+mixture+nodes": [
+        "model.head=hsoftmax",
+        "model.tree=huffman",
+        "model.history=mixture",
+        "model.smoothing=nodes",
+    ],
 }
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 

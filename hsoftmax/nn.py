@@ -9,6 +9,7 @@ Both heads have one interface, so a model switches heads with one argument:
   the same contract as ``F.cross_entropy(linear(hidden), target, ...)``.
 * ``head.log_prob(hidden, target)`` (B,), ``head.log_prob_all(hidden)`` (B, V),
   ``head.log_prob_and_mean(hidden, ids)``: (B, K) log-probs of ``ids`` and (B,) mean over all V.
+* ``head.nll_and_smoothing(hidden, target, smoothing)``: the two terms of a smoothed loss.
 * ``head.topk(hidden, k)`` and ``head.rank(hidden, target)``: exact, with one tie rule.
 
 **Tie rule.** Leaves are ordered by log-probability descending, then by leaf id ascending. ``topk``
@@ -49,6 +50,11 @@ from hsoftmax.tree import Tree
 __all__ = ["HierarchicalSoftmax", "DenseSoftmax"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_smoothing_mode(smoothing) -> None:
+    if smoothing not in ("leaves", "nodes"):
+        raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
 
 
 class _Head(nn.Module):
@@ -97,8 +103,7 @@ class _Head(nn.Module):
                 children, ``sum_n [(1 - eps) * (-log p(c_n | n)) + eps * mean_c(-log p(c | n))]``,
                 O(path) per example. The two are equal for a one-level softmax (the dense head).
         """
-        if smoothing not in ("leaves", "nodes"):
-            raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
+        _check_smoothing_mode(smoothing)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
@@ -156,6 +161,22 @@ class _Head(nn.Module):
         self._check_hidden(hidden)
         self._check_target(ids, hidden, name="ids")
         return self._log_prob_and_mean(hidden, ids)
+
+    def nll_and_smoothing(
+        self, hidden: torch.Tensor, target: torch.Tensor, smoothing: str = "leaves"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(-log p(target) (B,), smoothing term (B,))``, differentiable: the two terms of the
+        label-smoothed loss ``(1 - eps) * nll + eps * term`` (see ``forward``). ``smoothing``:
+        ``"leaves"``: ``mean_l(-log p(l))`` over all V classes, O(V * D); ``"nodes"``: the sum
+        over the target's path nodes of ``mean_c(-log p(c | n))`` over the node's children,
+        O(path * D) (a one-level head: the two are equal). For a model that combines the head
+        with another distribution and smooths only the head's part (the history mixture)."""
+        _check_smoothing_mode(smoothing)
+        self._check_hidden(hidden)
+        self._check_target(target, hidden)
+        if smoothing == "nodes":
+            return self._nll_and_node_smoothing(hidden, target)
+        return self._nll_and_smoothing(hidden, target)
 
     def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k classes by log-probability: ``(values (B, k'), indices (B, k'))`` with

@@ -74,3 +74,27 @@ def assert_close_to_reference(
         f"{name}: max error {err:.3e} at {where} (kernel {float(out[where]):.8g}, float64 "
         f"reference {float(ref64[where]):.8g}), bound {bound:.3e} (plain PyTorch error {base:.3e})"
     )
+
+
+def node_smoothing_reference(head, hidden, target, eps):
+    """sum over the target's path of (1 - eps) * -log p(c_n | n) + eps * mean_c -log p(c | n),
+    node by node with plain PyTorch (child 0's logit is 0, child k's the node's row k - 1)."""
+    tree, v = head.tree, head.num_classes
+    parents = tree.parents.numpy()
+    row_ptr = tree.compiled().node_row_ptr
+    out = []
+    for b in range(hidden.shape[0]):
+        total, node = hidden.new_zeros(()), int(target[b])
+        while parents[node] >= 0:
+            parent = int(parents[node])
+            kids = tree.children(parent)
+            r0 = int(row_ptr[parent - v])
+            z = (
+                head.weight[r0 : r0 + len(kids) - 1] @ hidden[b]
+                + head.bias[r0 : r0 + len(kids) - 1]
+            )
+            lp = torch.cat([hidden.new_zeros(1), z]).log_softmax(0)
+            total = total + (1 - eps) * -lp[kids.index(node)] + eps * -lp.mean()
+            node = parent
+        out.append(total)
+    return torch.stack(out)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hsoftmax import DenseSoftmax, HierarchicalSoftmax, Tree, _search_ops, reference
 from hsoftmax.nn import _Head, rank_by_id, topk_by_id
 
-from conftest import device_params, random_tree
+from conftest import device_params, node_smoothing_reference, random_tree
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -718,30 +718,6 @@ def test_ranking_log_prob_all_has_the_search_bits(tree_name, dtype):
 # ------------------------------------------------------------------ node-level label smoothing
 
 
-def _node_smoothing_reference(head, hidden, target, eps):
-    """sum over the target's path of (1 - eps) * -log p(c_n | n) + eps * mean_c -log p(c | n),
-    node by node with plain PyTorch (child 0's logit is 0, child k's the node's row k - 1)."""
-    tree, v = head.tree, head.num_classes
-    parents = tree.parents.numpy()
-    row_ptr = tree.compiled().node_row_ptr
-    out = []
-    for b in range(hidden.shape[0]):
-        total, node = hidden.new_zeros(()), int(target[b])
-        while parents[node] >= 0:
-            parent = int(parents[node])
-            kids = tree.children(parent)
-            r0 = int(row_ptr[parent - v])
-            z = (
-                head.weight[r0 : r0 + len(kids) - 1] @ hidden[b]
-                + head.bias[r0 : r0 + len(kids) - 1]
-            )
-            lp = torch.cat([hidden.new_zeros(1), z]).log_softmax(0)
-            total = total + (1 - eps) * -lp[kids.index(node)] + eps * -lp.mean()
-            node = parent
-        out.append(total)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize(
     "tree_name", ["V7-ternary", "V64-binary", "V40-caterpillar", "V1000-random"]
 )
@@ -751,13 +727,35 @@ def test_node_smoothing_against_brute_force(tree_name):
     hidden, target = inputs(head, batch=11, seed=41)
     hidden.requires_grad_()
     got = head(hidden, target, label_smoothing=0.3, smoothing="nodes", reduction="none")
-    want = _node_smoothing_reference(head, hidden, target, 0.3)
+    want = node_smoothing_reference(head, hidden, target, 0.3)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     params = [hidden, head.weight, head.bias]
     for a, b in zip(
         torch.autograd.grad(got.sum(), params), torch.autograd.grad(want.sum(), params), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_nll_and_smoothing_gives_the_two_terms_of_the_loss():
+    tree = get_tree("V1000-random")
+    head = hs_head(tree, 5, seed=47, scale=2.0)
+    hidden, target = inputs(head, batch=7, seed=48)
+    nll, nodes = head.nll_and_smoothing(hidden, target, "nodes")
+    torch.testing.assert_close(nll, -head.log_prob_all(hidden).gather(1, target[:, None])[:, 0])
+    torch.testing.assert_close(nodes, node_smoothing_reference(head, hidden, target, 1.0))
+    nll2, leaves = head.nll_and_smoothing(hidden, target)  # "leaves" by default
+    torch.testing.assert_close(nll2, nll)
+    torch.testing.assert_close(leaves, -head.log_prob_all(hidden).mean(1))
+    dense = make_head("dense", tree)
+    h, y = inputs(dense, batch=5, seed=49)
+    d_nll, d_nodes = dense.nll_and_smoothing(h, y, "nodes")
+    lp = F.log_softmax(F.linear(h, dense.weight, dense.bias), 1)
+    torch.testing.assert_close(d_nll, -lp.gather(1, y[:, None])[:, 0])
+    torch.testing.assert_close(d_nodes, -lp.mean(1))
+    with pytest.raises(ValueError, match="smoothing must be 'leaves' or 'nodes'"):
+        head.nll_and_smoothing(hidden, target, "paths")
+    with pytest.raises(IndexError):
+        head.nll_and_smoothing(hidden, torch.full_like(target, 1000), "nodes")
 
 
 def test_node_smoothing_equals_cross_entropy_on_a_one_level_tree():
@@ -784,7 +782,7 @@ def test_node_smoothing_with_ignore_index_float32_and_bad_mode():
     loss = head(hidden, target, ignore_index=-100, label_smoothing=0.1, smoothing="nodes",
                 reduction="none")  # fmt: skip
     assert loss[2] == 0 and bool(torch.isfinite(loss).all()) and loss.dtype == torch.float32
-    ref = _node_smoothing_reference(
+    ref = node_smoothing_reference(
         copy.deepcopy(head).double(), hidden.double(), target.clamp(min=0), 0.1
     )
     keep = target != -100

@@ -23,7 +23,7 @@ from hsoftmax.models import (
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax, rank_by_id, topk_by_id
 from hsoftmax.tree import Tree
 
-from conftest import random_tree
+from conftest import node_smoothing_reference, random_tree
 
 V, USERS = 37, 5
 TINY = {
@@ -373,5 +373,40 @@ def test_node_smoothing_through_the_model():
     torch.testing.assert_close(model(batch, label_smoothing=0.1), want)
     leaves = model.head(hidden, batch["y"], label_smoothing=0.1)
     assert not torch.allclose(want, leaves)  # a different objective on a deep tree
-    with pytest.raises(ValueError, match="smoothing 'nodes' .* is defined for a head alone"):
-        make("hsoftmax", "balanced", "mixture", smoothing="nodes")
+    with pytest.raises(ValueError, match="smoothing 'nodes' .* not with history 'logit_add'"):
+        make("dense", "balanced", "logit_add", smoothing="nodes")
+
+
+@pytest.mark.parametrize(
+    ("head", "tree"), [("hsoftmax", "balanced"), ("hsoftmax", "kmeans"), ("dense", "kmeans")]
+)
+def test_node_smoothing_in_the_mixture(head, tree):
+    """(1 - eps) * mixture NLL (brute force over all classes) + eps * the head's node term."""
+    model = make(head, tree, "mixture", smoothing="nodes")
+    with torch.no_grad():
+        model.output.gate.bias.fill_(0.7)
+    batch = fake_batch()
+    y, eps = batch["y"], 0.2
+    hidden, _ = model.hidden_and_window(batch)
+    nll = -model.log_prob_all(batch).gather(1, y[:, None])[:, 0]
+    if head == "dense":
+        term = -model.head.log_prob_all(hidden).mean(1)
+    else:
+        term = node_smoothing_reference(model.head, hidden, y, 1.0)
+    want = ((1 - eps) * nll + eps * term).mean()
+    got = model(batch, label_smoothing=eps)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_got = torch.autograd.grad(got, params, allow_unused=True)
+    g_want = torch.autograd.grad(want, params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), g_got, g_want, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0
+            continue
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+    leaves = make(head, tree, "mixture")  # same weights (seed 0), the mixture's own smoothing
+    with torch.no_grad():
+        leaves.output.gate.bias.fill_(0.7)
+    if head == "hsoftmax":  # a different objective on a deep tree; the same without smoothing
+        assert not torch.allclose(leaves(batch, label_smoothing=eps), got)
+    torch.testing.assert_close(leaves(batch), model(batch), rtol=0, atol=0)

@@ -306,7 +306,8 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
 def test_node_smoothing_config():
     cfg = load_config("diy", ["model.history=none", "model.smoothing=nodes"])
     assert cfg["model"]["smoothing"] == "nodes"
+    assert load_config("diy", ["model.smoothing=nodes"])["model"]["history"] == "mixture"
     with pytest.raises(ConfigError, match="model.smoothing 'nodes' .* needs model.history 'none'"):
-        load_config("diy", ["model.smoothing=nodes"])
+        load_config("diy", ["model.head=dense", "model.history=logit_add", "model.smoothing=nodes"])
     with pytest.raises(ConfigError, match="model.smoothing must be 'leaves' or 'nodes'"):
         load_config("diy", ["model.history=none", "model.smoothing=edges"])

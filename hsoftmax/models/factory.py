@@ -64,7 +64,8 @@ MODEL_DEFAULTS: dict = {
     "tree_seed": 0,
     "history": "mixture",  # none | mixture | logit_add (dense head only)
     # label smoothing over all classes ("leaves", exact, O(V) per example) or of each tree
-    # decision towards uniform over its children ("nodes", O(path); history "none" only)
+    # decision towards uniform over its children ("nodes", O(path); history none or mixture,
+    # where only the head's decisions are smoothed)
     "smoothing": "leaves",
 }
 

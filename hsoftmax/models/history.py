@@ -293,10 +293,29 @@ class HistoryMixture(nn.Module):
     ``head.ranking_log_prob_all``), so ``topk(V)`` lists the target at position ``rank``.
 
     A row with an empty window has ``g = 0``: the mixture is the head.
+
+    **Label smoothing** (``forward``'s ``label_smoothing = eps``), by ``smoothing``:
+
+    * ``"leaves"`` (default): the mixture's own, ``(1 - eps) * (-log p(y)) + eps *
+      mean_l(-log p(l))`` over all V classes, exact (O(V * D) per row for any head);
+    * ``"nodes"``: ``(1 - eps) * (-log p(y)) + eps * S_head(y)``, where ``S_head`` is the head's
+      node smoothing term (``head.nll_and_smoothing(..., "nodes")``: the sum over the target's
+      tree path of ``mean_c(-log p_head(c | n))``), O(path * D) per row. Only the head's
+      decisions are smoothed; the gate and the history distribution are trained by the
+      likelihood alone. For a dense head ``S_head = mean_l(-log p_head(l))``.
     """
 
-    def __init__(self, head: nn.Module, in_features: int, scorer: nn.Module | None = None):
+    def __init__(
+        self,
+        head: nn.Module,
+        in_features: int,
+        scorer: nn.Module | None = None,
+        smoothing: str = "leaves",
+    ):
         super().__init__()
+        if smoothing not in ("leaves", "nodes"):
+            raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
+        self.smoothing = smoothing
         self.head = head
         self.scorer = scorer if scorer is not None else PointerScorer(in_features)
         self.gate = nn.Linear(in_features, 1)
@@ -339,9 +358,15 @@ class HistoryMixture(nn.Module):
 
     def forward(self, hidden, window: Window, target, reduction="mean", label_smoothing=0.0):
         """Negative log-likelihood of ``target`` under the mixture; ``label_smoothing`` eps gives
-        ``(1 - eps) * nll + eps * mean_l(-log p(l))``, exact over all V classes."""
+        ``(1 - eps) * nll + eps * term``, the term set by ``self.smoothing`` (class docstring)."""
         _check_smoothing(label_smoothing)
         log_g, log_1mg = self.log_gates(hidden, window)
+        if label_smoothing > 0 and self.smoothing == "nodes":
+            nll_head, smooth = self.head.nll_and_smoothing(hidden, target, "nodes")
+            log_hist = window.log_p_of(target[:, None])
+            nll = -self._mix(log_g, log_1mg, log_hist, -nll_head[:, None])[:, 0]
+            loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+            return _reduce(loss, reduction)
         if label_smoothing == 0:
             log_head = _head_log_prob_many(self.head, hidden, target[:, None])
             log_hist = window.log_p_of(target[:, None])

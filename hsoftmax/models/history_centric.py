@@ -159,11 +159,11 @@ class HistoryCentricModel(nn.Module):
             raise ValueError(f"history must be one of {HISTORY_KINDS}, got {history!r}")
         if smoothing not in ("leaves", "nodes"):
             raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
-        if smoothing == "nodes" and history != "none":
+        if smoothing == "nodes" and history == "logit_add":
             raise ValueError(
                 "smoothing 'nodes' (each tree decision smoothed towards uniform) is defined for "
-                f"a head alone, not with history {history!r}, whose label smoothing is over all "
-                "classes of the combined distribution"
+                "a head alone or in the history mixture, not with history 'logit_add', whose "
+                "label smoothing is over all classes of the combined logits"
             )
         if head.in_features != encoder.d_model:
             raise ValueError(
@@ -175,7 +175,9 @@ class HistoryCentricModel(nn.Module):
         if history == "none":
             self.output = HeadOnly(head, smoothing)
         elif history == "mixture":
-            self.output = HistoryMixture(head, encoder.d_model, PointerScorer(encoder.d_model))
+            self.output = HistoryMixture(
+                head, encoder.d_model, PointerScorer(encoder.d_model), smoothing=smoothing
+            )
         else:
             self.output = HistoryLogitAdd(head, HistoryScorer())
 

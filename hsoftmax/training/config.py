@@ -320,10 +320,10 @@ def _validate(cfg: dict) -> None:
             raise ConfigError(f"model.{key} must be one of {allowed}, got {m[key]!r}")
     if m["smoothing"] not in ("leaves", "nodes"):
         raise ConfigError(f"model.smoothing must be 'leaves' or 'nodes', got {m['smoothing']!r}")
-    if m["smoothing"] == "nodes" and m["history"] != "none":
+    if m["smoothing"] == "nodes" and m["history"] == "logit_add":
         raise ConfigError(
-            "model.smoothing 'nodes' smooths each tree decision and needs model.history 'none'; "
-            "the mixture and logit_add smooth over all classes ('leaves')"
+            "model.smoothing 'nodes' smooths each tree decision and needs model.history 'none' "
+            "or 'mixture'; logit_add smooths over all classes ('leaves')"
         )
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")
