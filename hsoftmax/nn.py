@@ -52,8 +52,12 @@ __all__ = ["HierarchicalSoftmax", "DenseSoftmax"]
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_smoothing_mode(smoothing) -> None:
-    if smoothing not in ("leaves", "nodes"):
+SMOOTHING_MODES = ("leaves", "nodes")
+
+
+def check_smoothing_mode(smoothing) -> None:
+    """Raises ValueError unless ``smoothing`` is one of :data:`SMOOTHING_MODES`."""
+    if smoothing not in SMOOTHING_MODES:
         raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
 
 
@@ -103,7 +107,7 @@ class _Head(nn.Module):
                 children, ``sum_n [(1 - eps) * (-log p(c_n | n)) + eps * mean_c(-log p(c | n))]``,
                 O(path) per example. The two are equal for a one-level softmax (the dense head).
         """
-        _check_smoothing_mode(smoothing)
+        check_smoothing_mode(smoothing)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, int | float):
@@ -171,7 +175,7 @@ class _Head(nn.Module):
         over the target's path nodes of ``mean_c(-log p(c | n))`` over the node's children,
         O(path * D) (a one-level head: the two are equal). For a model that combines the head
         with another distribution and smooths only the head's part (the history mixture)."""
-        _check_smoothing_mode(smoothing)
+        check_smoothing_mode(smoothing)
         self._check_hidden(hidden)
         self._check_target(target, hidden)
         if smoothing == "nodes":

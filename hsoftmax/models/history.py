@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax, rank_by_id, topk_by_id
+from hsoftmax.nn import (
+    DenseSoftmax,
+    HierarchicalSoftmax,
+    check_smoothing_mode,
+    rank_by_id,
+    topk_by_id,
+)
 
 __all__ = [
     "HISTORY_KINDS",
@@ -313,8 +319,7 @@ class HistoryMixture(nn.Module):
         smoothing: str = "leaves",
     ):
         super().__init__()
-        if smoothing not in ("leaves", "nodes"):
-            raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
+        check_smoothing_mode(smoothing)
         self.smoothing = smoothing
         self.head = head
         self.scorer = scorer if scorer is not None else PointerScorer(in_features)
@@ -361,17 +366,17 @@ class HistoryMixture(nn.Module):
         ``(1 - eps) * nll + eps * term``, the term set by ``self.smoothing`` (class docstring)."""
         _check_smoothing(label_smoothing)
         log_g, log_1mg = self.log_gates(hidden, window)
-        if label_smoothing > 0 and self.smoothing == "nodes":
-            nll_head, smooth = self.head.nll_and_smoothing(hidden, target, "nodes")
+        if label_smoothing == 0 or self.smoothing == "nodes":  # one path of the head
+            if label_smoothing == 0:
+                log_head = _head_log_prob_many(self.head, hidden, target[:, None])
+            else:
+                nll_head, smooth = self.head.nll_and_smoothing(hidden, target, "nodes")
+                log_head = -nll_head[:, None]
             log_hist = window.log_p_of(target[:, None])
-            nll = -self._mix(log_g, log_1mg, log_hist, -nll_head[:, None])[:, 0]
-            loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+            loss = -self._mix(log_g, log_1mg, log_hist, log_head)[:, 0]
+            if label_smoothing > 0:
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
             return _reduce(loss, reduction)
-        if label_smoothing == 0:
-            log_head = _head_log_prob_many(self.head, hidden, target[:, None])
-            log_hist = window.log_p_of(target[:, None])
-            nll = -self._mix(log_g, log_1mg, log_hist, log_head)[:, 0]
-            return _reduce(nll, reduction)
         # one pass over the head scores the target (column 0), every window position and the
         # mean of log p_head over all V classes
         ids = torch.cat([target[:, None], window.loc], dim=1)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hsoftmax.data.dataset import N_DURATIONS, N_TIME_SLOTS, N_WEEKDAYS
+from hsoftmax.nn import check_smoothing_mode
 
 from .history import (
     HISTORY_KINDS,
@@ -157,8 +158,7 @@ class HistoryCentricModel(nn.Module):
         super().__init__()
         if history not in HISTORY_KINDS:
             raise ValueError(f"history must be one of {HISTORY_KINDS}, got {history!r}")
-        if smoothing not in ("leaves", "nodes"):
-            raise ValueError(f"smoothing must be 'leaves' or 'nodes', got {smoothing!r}")
+        check_smoothing_mode(smoothing)
         if smoothing == "nodes" and history == "logit_add":
             raise ValueError(
                 "smoothing 'nodes' (each tree decision smoothed towards uniform) is defined for "

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from hsoftmax.models.factory import ENCODER_SIZE_KEYS, MODEL_DEFAULTS
+from hsoftmax.nn import SMOOTHING_MODES
 
 __all__ = [
     "DEFAULTS",
@@ -318,7 +319,7 @@ def _validate(cfg: dict) -> None:
     for key, allowed in (("head", HEADS), ("tree", TREES), ("history", HISTORY_KINDS)):
         if m[key] not in allowed:
             raise ConfigError(f"model.{key} must be one of {allowed}, got {m[key]!r}")
-    if m["smoothing"] not in ("leaves", "nodes"):
+    if m["smoothing"] not in SMOOTHING_MODES:
         raise ConfigError(f"model.smoothing must be 'leaves' or 'nodes', got {m['smoothing']!r}")
     if m["smoothing"] == "nodes" and m["history"] == "logit_add":
         raise ConfigError(
