@@ -69,6 +69,12 @@ CONFIGS: dict[str, list[str]] = {
         "model.history=mixture",
         "model.smoothing=nodes",
     ],
+    "hs-kmeans128+mixture+nodes": [
+        "model.head=hsoftmax",
+        "model.tree=kmeans",
+        "model.history=mixture",
+        "model.smoothing=nodes",
+    ],
 }
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 
@@ -167,6 +173,24 @@ def _result(name: str, seed: int, run_dir: Path, wall_seconds: float | None) -> 
     }
 
 
+def _load_results(path: Path) -> dict[tuple[str, int], dict]:
+    """The runs recorded in ``results.json`` by earlier calls, by (configuration, seed)."""
+    if not path.exists():
+        return {}
+    try:
+        rows = json.loads(path.read_text())
+        return {(r["config"], int(r["seed"])): r for r in rows}
+    except (ValueError, TypeError, KeyError) as e:
+        raise SystemExit(f"{path} is not a results file of this script ({e!r})") from None
+
+
+def _write_results(path: Path, rows: list[dict]) -> None:
+    """Atomically: an interruption leaves the old file or the new one, never half of one."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -216,19 +240,24 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     todo = [(name, seed) for name in args.configs for seed in args.seeds]
     done: dict[tuple[str, int], dict] = {}
+    # results.json keeps the runs of earlier calls (other configurations or seeds) too
+    recorded = _load_results(out / "results.json")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, name, seed, args, out): (name, seed) for name, seed in todo}
         for future in as_completed(futures):
             name, seed = futures[future]
-            r = done[(name, seed)] = future.result()
-            wall = "reused" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f} s"
+            r = future.result()
+            if r["wall_seconds"] is None and (name, seed) in recorded:  # reused: keep its time
+                r["wall_seconds"] = recorded[(name, seed)].get("wall_seconds")
+            done[(name, seed)] = r
+            wall = f"{r['wall_seconds']:.0f} s" if r["wall_seconds"] is not None else "reused"
             print(
                 f"{name} seed {seed}: acc@1 {r['test']['acc@1']:.2f}, {r['epochs']} epochs, "
                 f"{r['seconds_per_epoch']:.1f} s/epoch, {wall}",
                 flush=True,
             )
-            finished = [done[key] for key in todo if key in done]  # in table order
-            (out / "results.json").write_text(json.dumps(finished, indent=2) + "\n")
+            merged = {**recorded, **done}  # earlier calls' order, then this call's
+            _write_results(out / "results.json", list(merged.values()))
     results = [done[key] for key in todo]
     text = table(results)
     header = (

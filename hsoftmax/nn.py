@@ -105,7 +105,9 @@ class _Head(nn.Module):
             smoothing: ``"leaves"`` (the above, exact over all V classes) or ``"nodes"``: every
                 decision on the target's path is smoothed towards uniform over its node's
                 children, ``sum_n [(1 - eps) * (-log p(c_n | n)) + eps * mean_c(-log p(c | n))]``,
-                O(path) per example. The two are equal for a one-level softmax (the dense head).
+                no more than the NLL itself: O(depth * D) per example on top of it, plus one sum
+                of each node's weight rows per call. The two are equal for a one-level softmax
+                (the dense head).
         """
         check_smoothing_mode(smoothing)
         if reduction not in _REDUCTIONS:
@@ -173,8 +175,9 @@ class _Head(nn.Module):
         label-smoothed loss ``(1 - eps) * nll + eps * term`` (see ``forward``). ``smoothing``:
         ``"leaves"``: ``mean_l(-log p(l))`` over all V classes, O(V * D); ``"nodes"``: the sum
         over the target's path nodes of ``mean_c(-log p(c | n))`` over the node's children,
-        O(path * D) (a one-level head: the two are equal). For a model that combines the head
-        with another distribution and smooths only the head's part (the history mixture)."""
+        O(depth * D) per example beyond the NLL (a one-level head: the two are equal). For a
+        model that combines the head with another distribution and smooths only the head's part
+        (the history mixture)."""
         check_smoothing_mode(smoothing)
         self._check_hidden(hidden)
         self._check_target(target, hidden)
@@ -480,30 +483,39 @@ class HierarchicalSoftmax(_Head):
         return nll, self._mean_neg_log_prob(hidden).to(nll.dtype)
 
     def _nll_and_node_smoothing(self, hidden, target):
+        # Per path node n (c_n children, logits [0, z_1 .. z_{c_n - 1}]), the smoothing term is
+        # lse_n - mean_c z_c and the NLL's is lse_n - z_taken, so over the path
+        #   S(y) = nll(y) + sum_n (z_taken - mean_c z_c) = nll(y) + h . u_y + beta_y,
+        # with u_y = sum_n (w_taken - s_n / c_n), s_n the sum of node n's rows (beta_y likewise
+        # from the bias): linear in h. u_y is a weighted sum of 2 x depth rows, whatever the
+        # width of the nodes, so no (B, rows, D) gather is made.
         nll = -self._log_prob(hidden, target)
         if self.num_leaves == 1:
             return nll, torch.zeros_like(nll)
-        t = self._node_paths(hidden.device)
-        rows, use, pos, count = t.rows[target], t.use[target], t.pos[target], t.count[target]
-        z = torch.einsum("bd,brd->br", hidden, self.weight[rows])
+        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        t = self._node_paths(hidden.device, acc)
+        node, node_coef = t.node[target], t.node_coef[target]
+        taken, taken_coef = t.taken[target], t.taken_coef[target]
+        weight = self.weight.to(acc)
+        node_sum = weight.new_zeros(t.num_nodes, weight.shape[1]).index_add(
+            0, t.node_of_row, weight
+        )
+        u = F.embedding_bag(node, node_sum, per_sample_weights=node_coef, mode="sum")
+        u = u + F.embedding_bag(taken, weight, per_sample_weights=taken_coef, mode="sum")
+        linear = (u * hidden.to(acc)).sum(1)
         if self.bias is not None:
-            z = z + self.bias[rows]
-        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        # per path node: lse over the logits (0 for child 0, z for the node's rows) and their sum
-        neg_inf = torch.full_like(z, float("-inf"))
-        m = torch.zeros(count.shape, dtype=z.dtype, device=z.device)
-        m = m.scatter_reduce(1, pos, torch.where(use, z, neg_inf), "amax").detach()
-        e = torch.where(use, z - m.gather(1, pos), neg_inf).exp()
-        lse = m + (torch.exp(-m) + torch.zeros_like(m).scatter_add(1, pos, e)).log()
-        zsum = torch.zeros_like(m).scatter_add(1, pos, torch.where(use, z, 0.0))
-        per_node = torch.where(count > 0, lse - zsum / count.clamp(min=1), 0.0)
-        return nll, per_node.sum(1).to(nll.dtype)
+            bias = self.bias.to(acc)
+            bias_sum = bias.new_zeros(t.num_nodes).index_add(0, t.node_of_row, bias)
+            linear = (
+                linear + (bias_sum[node] * node_coef).sum(1) + (bias[taken] * taken_coef).sum(1)
+            )
+        return nll, nll + linear.to(nll.dtype)
 
-    def _node_paths(self, device: torch.device) -> _NodePaths:
-        key = ("node_paths", device)
+    def _node_paths(self, device: torch.device, dtype: torch.dtype) -> _NodePaths:
+        key = ("node_paths", device, dtype)
         paths = self._cache.get(key)
-        if paths is None:  # built on first use: (V, max_path_rows) tables
-            paths = _NodePaths.build(self.tree, device)
+        if paths is None:  # built on first use: (V, depth) tables
+            paths = _NodePaths.build(self.tree, device, dtype)
             self._cache[key] = paths
         return paths
 
@@ -772,35 +784,37 @@ def _path_entries(tree: Tree):
 
 @dataclass(frozen=True)
 class _NodePaths:
-    """Each leaf's path as its weight rows, padded to the tree's ``max_path_rows`` R, with the
-    position of each row's node on the path (depth L): the tables of node-level smoothing."""
+    """Each leaf's path as its internal nodes and its taken rows, padded to the tree's depth L:
+    the tables of node-level smoothing (pads have coefficient 0)."""
 
-    rows: torch.Tensor  # (V, R) int64 weight row (0 at pads)
-    use: torch.Tensor  # (V, R) bool: a real row
-    pos: torch.Tensor  # (V, R) int64: position of the row's node on the path (0 at pads)
-    count: torch.Tensor  # (V, L) children of the path's node at each position (0 at pads)
+    node: torch.Tensor  # (V, L) int64: internal node index on the path (0 at pads)
+    node_coef: torch.Tensor  # (V, L) float64: -1 / children of that node (0 at pads)
+    taken: torch.Tensor  # (V, L) int64: weight row of the child taken (0 for child 0 and pads)
+    taken_coef: torch.Tensor  # (V, L) float64: 1 where a child >= 1 was taken, else 0
+    node_of_row: torch.Tensor  # (V - 1,) int64: the internal node owning each weight row
+    num_nodes: int  # internal nodes
 
     @staticmethod
-    def build(tree: Tree, device) -> _NodePaths:
-        node, _, leaf, at, depth = _path_entries(tree)
+    def build(tree: Tree, device, dtype) -> _NodePaths:
+        node, choice, leaf, at, depth = _path_entries(tree)
         row_ptr = tree.compiled("cpu").node_row_ptr.numpy().astype(np.int64)
-        v, width = tree.num_leaves, max(tree.max_path_rows, 1)
-        nrows = row_ptr[node + 1] - row_ptr[node]
-        count = np.zeros((v, depth), dtype=np.int64)
-        count[leaf, at] = nrows + 1
-        entry = np.repeat(np.arange(node.size), nrows)  # one item per (path entry, row)
-        first_item = np.cumsum(nrows) - nrows
-        row = row_ptr[node[entry]] + np.arange(entry.size) - first_item[entry]
-        leaf_items = np.bincount(leaf[entry], minlength=v)
-        col = np.arange(entry.size) - np.repeat(np.cumsum(leaf_items) - leaf_items, leaf_items)
-        rows = np.zeros((v, width), dtype=np.int64)
-        use = np.zeros((v, width), dtype=bool)
-        pos = np.zeros((v, width), dtype=np.int64)
-        rows[leaf[entry], col] = row
-        use[leaf[entry], col] = True
-        pos[leaf[entry], col] = at[entry]
-        tables = {"rows": rows, "use": use, "pos": pos, "count": count}
-        return _NodePaths(**{k: torch.as_tensor(a, device=device) for k, a in tables.items()})
+        v, m = tree.num_leaves, row_ptr.size - 1
+        tables = {
+            "node": np.zeros((v, depth), dtype=np.int64),
+            "node_coef": np.zeros((v, depth), dtype=np.float64),
+            "taken": np.zeros((v, depth), dtype=np.int64),
+            "taken_coef": np.zeros((v, depth), dtype=np.float64),
+        }
+        tables["node"][leaf, at] = node
+        tables["node_coef"][leaf, at] = -1.0 / (row_ptr[node + 1] - row_ptr[node] + 1)
+        picked = choice >= 1
+        tables["taken"][leaf[picked], at[picked]] = row_ptr[node[picked]] + choice[picked] - 1
+        tables["taken_coef"][leaf[picked], at[picked]] = 1.0
+        tables["node_of_row"] = np.repeat(np.arange(m), np.diff(row_ptr))
+        out = {k: torch.as_tensor(a, device=device) for k, a in tables.items()}
+        for k in ("node_coef", "taken_coef"):
+            out[k] = out[k].to(dtype)
+        return _NodePaths(**out, num_nodes=m)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -33,3 +34,41 @@ def test_reuse_accepts_the_same_settings_and_refuses_others(tmp_path):
     (other / "config.yaml").write_text("model: {bogus: 1}\n")
     with pytest.raises(SystemExit, match="no longer loads"):
         compare_heads._check_reused(other, expected)
+
+
+def _finished(out, name, seed, args, acc):
+    """A finished run directory as ``hsoftmax train`` leaves it (the files the table reads)."""
+    run_dir = out / "runs" / f"{name}-seed{seed}"
+    run_dir.mkdir(parents=True)
+    cfg = load_config(args.preset, compare_heads._fresh_sets(name, seed, args, run_dir))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    test = {m: acc for m in compare_heads.METRICS}
+    (run_dir / "test_metrics.json").write_text(json.dumps(test))
+    (run_dir / "params.json").write_text(json.dumps({"total": 1000}))
+    history = [{"train_seconds": s, "peak_rss_mb": 10.0} for s in (3.0, 1.0, 2.0)]
+    (run_dir / "metrics.json").write_text(json.dumps(history))
+
+
+def test_results_json_keeps_earlier_calls_runs_and_their_times(tmp_path, capsys):
+    args = types.SimpleNamespace(preset="diy", epochs=7, set=[])
+    earlier = {"config": "dense", "seed": 1, "test": {}, "wall_seconds": 123.0}
+    reused = {"config": "hs-binary", "seed": 0, "test": {}, "wall_seconds": 456.0}
+    (tmp_path / "results.json").write_text(json.dumps([earlier, reused]))
+    _finished(tmp_path, "hs-binary", 0, args, 40.0)
+    _finished(tmp_path, "dense+mixture", 0, args, 50.0)
+    argv = ["--preset", "diy", "--epochs", "7", "--seeds", "0", "--out", str(tmp_path), "--reuse"]
+    assert compare_heads.main([*argv, "--configs", "hs-binary", "dense+mixture"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [
+        ("dense", 1),
+        ("hs-binary", 0),
+        ("dense+mixture", 0),
+    ]
+    assert rows[0] == earlier  # another call's run, untouched
+    assert rows[1]["wall_seconds"] == 456.0  # reused: its recorded time is kept
+    assert rows[1]["test"]["acc@1"] == 40.0 and rows[1]["seconds_per_epoch"] == 2.0
+    assert rows[2]["wall_seconds"] is None  # reused, never timed by this script
+    assert "hs-binary seed 0: acc@1 40.00, 3 epochs, 2.0 s/epoch, 456 s" in capsys.readouterr().out
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not a results file"):
+        compare_heads.main([*argv, "--configs", "hs-binary"])

@@ -736,6 +736,26 @@ def test_node_smoothing_against_brute_force(tree_name):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_node_smoothing_without_bias_equals_a_zero_bias():
+    tree = get_tree("V1000-random")
+    plain = hs_head(tree, 5, seed=50, scale=2.0, bias=False)
+    zero = hs_head(tree, 5, seed=50, scale=2.0)
+    with torch.no_grad():
+        zero.weight.copy_(plain.weight)
+        zero.bias.zero_()
+    hidden, target = inputs(plain, batch=9, seed=51)
+    hidden.requires_grad_()
+    got = plain(hidden, target, label_smoothing=0.2, smoothing="nodes", reduction="none")
+    want = node_smoothing_reference(zero, hidden, target, 0.2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(
+        torch.autograd.grad(got.sum(), [hidden, plain.weight]),
+        torch.autograd.grad(want.sum(), [hidden, zero.weight]),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_nll_and_smoothing_gives_the_two_terms_of_the_loss():
     tree = get_tree("V1000-random")
     head = hs_head(tree, 5, seed=47, scale=2.0)

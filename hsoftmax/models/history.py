@@ -306,9 +306,9 @@ class HistoryMixture(nn.Module):
       mean_l(-log p(l))`` over all V classes, exact (O(V * D) per row for any head);
     * ``"nodes"``: ``(1 - eps) * (-log p(y)) + eps * S_head(y)``, where ``S_head`` is the head's
       node smoothing term (``head.nll_and_smoothing(..., "nodes")``: the sum over the target's
-      tree path of ``mean_c(-log p_head(c | n))``), O(path * D) per row. Only the head's
-      decisions are smoothed; the gate and the history distribution are trained by the
-      likelihood alone. For a dense head ``S_head = mean_l(-log p_head(l))``.
+      tree path of ``mean_c(-log p_head(c | n))``), O(depth * D) per row beyond the NLL. Only
+      the head's decisions are smoothed; the gate and the history distribution are trained by
+      the likelihood alone. For a dense head ``S_head = mean_l(-log p_head(l))``.
     """
 
     def __init__(
