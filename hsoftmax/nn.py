@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsoftmax import _search_ops
-from hsoftmax.ops import path_log_prob
+from hsoftmax.ops import _coef_dtype, path_log_prob
 from hsoftmax.tree import Tree
 
 __all__ = ["HierarchicalSoftmax", "DenseSoftmax"]
@@ -492,7 +492,7 @@ class HierarchicalSoftmax(_Head):
         nll = -self._log_prob(hidden, target)
         if self.num_leaves == 1:
             return nll, torch.zeros_like(nll)
-        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        acc = _coef_dtype(hidden.dtype)  # float32 for half types
         t = self._node_paths(hidden.device, acc)
         node, node_coef = t.node[target], t.node_coef[target]
         taken, taken_coef = t.taken[target], t.taken_coef[target]
@@ -537,7 +537,7 @@ class HierarchicalSoftmax(_Head):
         """
         flat = self._flat(hidden.device)
         batch = hidden.shape[0]
-        dtype = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        dtype = _coef_dtype(hidden.dtype)  # float32 for half types
         # softplus(x) = x above the cut: exact, since log1p(e^-cut) is below half an ulp of cut
         cut = 40.0 if dtype == torch.float64 else 20.0
         zs, lses, mean = [], [], None
@@ -788,9 +788,9 @@ class _NodePaths:
     the tables of node-level smoothing (pads have coefficient 0)."""
 
     node: torch.Tensor  # (V, L) int64: internal node index on the path (0 at pads)
-    node_coef: torch.Tensor  # (V, L) float64: -1 / children of that node (0 at pads)
+    node_coef: torch.Tensor  # (V, L) float: -1 / children of that node (0 at pads)
     taken: torch.Tensor  # (V, L) int64: weight row of the child taken (0 for child 0 and pads)
-    taken_coef: torch.Tensor  # (V, L) float64: 1 where a child >= 1 was taken, else 0
+    taken_coef: torch.Tensor  # (V, L) float: 1 where a child >= 1 was taken, else 0
     node_of_row: torch.Tensor  # (V - 1,) int64: the internal node owning each weight row
     num_nodes: int  # internal nodes
 
