@@ -9,8 +9,11 @@ Markdown table plus the raw results as JSON:
         --configs dense dense+logit_add hs-kmeans128+mixture     # a reduced run
     OMP_NUM_THREADS=1 python benchmarks/compare_heads.py --preset geolife --jobs 2 --reuse \\
         --set train.num_threads=1      # two trainings at once, one core each; resumable
+    python benchmarks/compare_heads.py --preset diy --out results/diy --table-only
+        # no training: the table of every run recorded in results.json (all earlier calls)
 
-Columns: the epochs each seed's run trained (early stopping ends a run before ``--epochs``), test
+Columns: the epochs each seed's run trained (early stopping ends a run before ``--epochs``; in
+brackets the epoch whose weights are tested, the one with the lowest validation NLL), test
 Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
 mean ± standard deviation over seeds), trainable parameters, training seconds per epoch (training
 steps only, validation excluded; the median over the run's epochs, averaged over seeds; for a
@@ -166,11 +169,26 @@ def _result(name: str, seed: int, run_dir: Path, wall_seconds: float | None) -> 
         "test": json.loads((run_dir / "test_metrics.json").read_text()),
         "params": json.loads((run_dir / "params.json").read_text()),
         "epochs": len(history),
+        "best_epoch": _best_epoch(history),
         # median: robust to the few epochs another job slowed down
         "seconds_per_epoch": statistics.median(r["train_seconds"] for r in history),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in history),
         "wall_seconds": wall_seconds,
     }
+
+
+def _best_epoch(history: list[dict]) -> int | None:
+    """The epoch whose weights the run tested: the trainer's early-stopping rule, the lowest
+    validation NLL, an epoch counting as better only by more than ``MIN_IMPROVEMENT``."""
+    from hsoftmax.training.trainer import MIN_IMPROVEMENT
+
+    best, best_epoch = float("inf"), None
+    for i, row in enumerate(history):
+        if "val_nll" not in row:
+            return None
+        if row["val_nll"] < best - MIN_IMPROVEMENT:
+            best, best_epoch = row["val_nll"], i + 1
+    return best_epoch
 
 
 def _load_results(path: Path) -> dict[tuple[str, int], dict]:
@@ -191,10 +209,42 @@ def _write_results(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _table_of_recorded(args, out: Path) -> int:
+    """``--table-only``: every run in ``results.json``, refreshed from its run directory where
+    that is present (a row keeps its recorded ``wall_seconds``), in ``CONFIGS`` order."""
+    recorded = _load_results(out / "results.json")
+    if not recorded:
+        raise SystemExit(f"{out / 'results.json'} holds no runs: nothing to tabulate")
+    rows = []
+    for (name, seed), r in recorded.items():
+        run_dir = out / "runs" / f"{name}-seed{seed}"
+        if (run_dir / "test_metrics.json").exists():
+            r = {**_result(name, seed, run_dir, r.get("wall_seconds")), "config": r["config"]}
+        rows.append(r)
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    rows.sort(key=lambda r: (order.get(r["config"], len(order)), r["config"], r["seed"]))
+    _write_results(out / "results.json", rows)
+    seeds = sorted({r["seed"] for r in rows})
+    header = f"preset {args.preset}: every run recorded in {out / 'results.json'} (seeds {seeds})"
+    doc = f"{header}\n\n{table(rows)}\n"
+    (out / "table.md").write_text(doc)
+    print(doc, end="")
+    return 0
+
+
 def _cell(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _epochs_cell(rows: list[dict]) -> str:
+    """Epochs trained per seed, e.g. ``23/20 (best 18/15)``; the best epochs where recorded."""
+    cell = "/".join(str(r["epochs"]) for r in rows)
+    best = [r.get("best_epoch") for r in rows]
+    if None in best:
+        return cell
+    return f"{cell} (best {'/'.join(str(b) for b in best)})"
 
 
 def table(results: list[dict]) -> str:
@@ -207,7 +257,7 @@ def table(results: list[dict]) -> str:
         rows = [r for r in results if r["config"] == name]
         cells = [_cell([r["test"][m] for r in rows]) for m in METRICS]
         lines.append(
-            f"| {name} | {len(rows)} | {'/'.join(str(r['epochs']) for r in rows)} | "
+            f"| {name} | {len(rows)} | {_epochs_cell(rows)} | "
             + " | ".join(cells)
             + f" | {rows[0]['params']['total']:,} | "
             + f"{statistics.mean(r['seconds_per_epoch'] for r in rows):.1f} | "
@@ -233,10 +283,18 @@ def main(argv=None) -> int:
         help="take finished runs already in the output directory instead of training them "
         "again (a long comparison continues where it stopped)",
     )
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: write the table of every run recorded in the output directory's "
+        "results.json (all configurations and seeds of earlier calls)",
+    )
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     out = Path(args.out or f"results/{args.preset}")
+    if args.table_only:
+        return _table_of_recorded(args, out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [(name, seed) for name in args.configs for seed in args.seeds]
     done: dict[tuple[str, int], dict] = {}

@@ -36,7 +36,7 @@ def test_reuse_accepts_the_same_settings_and_refuses_others(tmp_path):
         compare_heads._check_reused(other, expected)
 
 
-def _finished(out, name, seed, args, acc):
+def _finished(out, name, seed, args, acc, val_nll=None):
     """A finished run directory as ``hsoftmax train`` leaves it (the files the table reads)."""
     run_dir = out / "runs" / f"{name}-seed{seed}"
     run_dir.mkdir(parents=True)
@@ -46,6 +46,9 @@ def _finished(out, name, seed, args, acc):
     (run_dir / "test_metrics.json").write_text(json.dumps(test))
     (run_dir / "params.json").write_text(json.dumps({"total": 1000}))
     history = [{"train_seconds": s, "peak_rss_mb": 10.0} for s in (3.0, 1.0, 2.0)]
+    if val_nll is not None:
+        for row, v in zip(history, val_nll, strict=True):
+            row["val_nll"] = v
     (run_dir / "metrics.json").write_text(json.dumps(history))
 
 
@@ -72,3 +75,45 @@ def test_results_json_keeps_earlier_calls_runs_and_their_times(tmp_path, capsys)
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(SystemExit, match="not a results file"):
         compare_heads.main([*argv, "--configs", "hs-binary"])
+
+
+def test_table_only_tabulates_every_recorded_run_with_its_best_epoch(tmp_path, capsys, monkeypatch):
+    args = types.SimpleNamespace(preset="diy", epochs=7, set=[])
+    # the trainer's rule: better only by more than 1e-6, so epoch 3 does not replace epoch 2
+    _finished(tmp_path, "hs-binary", 0, args, 40.0, val_nll=(3.0, 2.0, 2.0 - 1e-7))
+    _finished(tmp_path, "hs-binary", 1, args, 42.0, val_nll=(3.0, 2.5, 2.4))
+    _finished(tmp_path, "dense", 0, args, 44.0, val_nll=(1.0, 1.5, 1.2))
+    stale = {"config": "hs-binary", "seed": 1, "test": {"acc@1": 0.0}, "wall_seconds": 5.0}
+    gone = {  # a recorded run whose directory is not here: tabulated as recorded
+        "config": "hs-huffman",
+        "seed": 0,
+        "test": {m: 30.0 for m in compare_heads.METRICS},
+        "params": {"total": 1000},
+        "epochs": 5,
+        "seconds_per_epoch": 4.0,
+        "peak_rss_mb": 9.0,
+        "wall_seconds": 20.0,
+    }
+    rows = [stale, gone, {"config": "dense", "seed": 0}, {"config": "hs-binary", "seed": 0}]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(compare_heads, "run_one", None)  # nothing may be trained
+    argv = ["--preset", "diy", "--out", str(tmp_path), "--table-only"]
+    assert compare_heads.main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [  # CONFIGS order, then seed
+        ("dense", 0),
+        ("hs-binary", 0),
+        ("hs-binary", 1),
+        ("hs-huffman", 0),
+    ]
+    assert [r.get("best_epoch") for r in rows] == [1, 2, 3, None]
+    assert rows[2]["test"]["acc@1"] == 42.0 and rows[2]["wall_seconds"] == 5.0
+    assert rows[3] == gone
+    table = (tmp_path / "table.md").read_text()
+    assert table == capsys.readouterr().out
+    assert "| dense | 1 | 3 (best 1) | 44.00 |" in table
+    assert "| hs-binary | 2 | 3/3 (best 2/3) | 41.00 ± 1.41 |" in table
+    assert "| hs-huffman | 1 | 5 | 30.00 |" in table
+    (tmp_path / "results.json").write_text("[]")
+    with pytest.raises(SystemExit, match="holds no runs"):
+        compare_heads.main(argv)

@@ -64,6 +64,8 @@ __all__ = [
 
 logger = logging.getLogger("hsoftmax.training")
 CKPT = "ckpt.pt"
+# early stopping: an epoch improves on the best validation NLL only by more than this
+MIN_IMPROVEMENT = 1e-6
 
 
 @dataclass
@@ -456,7 +458,7 @@ def train(
         )
         val_loss = val["nll"]
         scheduler.step(val_loss)
-        if val_loss < early["best"] - 1e-6:
+        if val_loss < early["best"] - MIN_IMPROVEMENT:
             early.update(best=val_loss, best_epoch=epoch + 1, bad_epochs=0)
             best_state = copy.deepcopy(model.state_dict())
         else:
