@@ -179,14 +179,14 @@ def _result(name: str, seed: int, run_dir: Path, wall_seconds: float | None) -> 
 
 def _best_epoch(history: list[dict]) -> int | None:
     """The epoch whose weights the run tested: the trainer's early-stopping rule, the lowest
-    validation NLL, an epoch counting as better only by more than ``MIN_IMPROVEMENT``."""
-    from hsoftmax.training.trainer import MIN_IMPROVEMENT
+    validation NLL (``improves``)."""
+    from hsoftmax.training.trainer import improves
 
     best, best_epoch = float("inf"), None
     for i, row in enumerate(history):
         if "val_nll" not in row:
             return None
-        if row["val_nll"] < best - MIN_IMPROVEMENT:
+        if improves(row["val_nll"], best):
             best, best_epoch = row["val_nll"], i + 1
     return best_epoch
 
@@ -219,7 +219,7 @@ def _table_of_recorded(args, out: Path) -> int:
     for (name, seed), r in recorded.items():
         run_dir = out / "runs" / f"{name}-seed{seed}"
         if (run_dir / "test_metrics.json").exists():
-            r = {**_result(name, seed, run_dir, r.get("wall_seconds")), "config": r["config"]}
+            r = _result(name, seed, run_dir, r.get("wall_seconds"))
         rows.append(r)
     order = {name: i for i, name in enumerate(CONFIGS)}
     rows.sort(key=lambda r: (order.get(r["config"], len(order)), r["config"], r["seed"]))

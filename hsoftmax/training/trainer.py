@@ -68,6 +68,11 @@ CKPT = "ckpt.pt"
 MIN_IMPROVEMENT = 1e-6
 
 
+def improves(val_nll: float, best: float) -> bool:
+    """Early stopping's rule: does an epoch's validation NLL beat the best so far?"""
+    return val_nll < best - MIN_IMPROVEMENT
+
+
 @dataclass
 class RunResult:
     """What :func:`train` returns (on every rank; only rank 0 has ``test``)."""
@@ -458,7 +463,7 @@ def train(
         )
         val_loss = val["nll"]
         scheduler.step(val_loss)
-        if val_loss < early["best"] - MIN_IMPROVEMENT:
+        if improves(val_loss, early["best"]):
             early.update(best=val_loss, best_epoch=epoch + 1, bad_epochs=0)
             best_state = copy.deepcopy(model.state_dict())
         else:
