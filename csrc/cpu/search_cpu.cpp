@@ -59,17 +59,16 @@ struct SearchArgs {
   int64_t dim, num_leaves, root;
 };
 
-// log p(child k | node) for every child k of internal node `node` into out[0 .. c), returns c.
-// Child 0 has logit 0, child k >= 1 the logit of row node_row_ptr[i] + k - 1. Both searches
-// call only this, so a leaf's log-prob is the same bits in each.
+// The logits of internal node `node`'s children 1 .. c into out[1 .. c), returns c. Child k >= 1
+// has the logit of row node_row_ptr[i] + k - 1 (dot4 is bit-identical to dot, row by row).
 template <typename scalar_t, typename acc_t>
-HSM_ALWAYS_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h,
-                                      int64_t node, acc_t* out) {
+HSM_ALWAYS_INLINE int node_logits(const SearchArgs<scalar_t>& a, const scalar_t* h, int64_t node,
+                                  acc_t* out) {
   const int64_t i = node - a.num_leaves;
   const int c = static_cast<int>(a.child_ptr[i + 1] - a.child_ptr[i]);
   const int64_t r0 = a.node_row_ptr[i];
   int k = 1;
-  // wide nodes: four rows at a time (dot4 is bit-identical to dot, row by row)
+  // wide nodes: four rows at a time
   for (; k + 4 <= c; k += 4) {
     const scalar_t* rows[4];
     for (int j = 0; j < 4; ++j) rows[j] = a.weight + (r0 + k - 1 + j) * a.dim;
@@ -83,12 +82,19 @@ HSM_ALWAYS_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scala
     out[k] = dot<scalar_t, acc_t>(h, a.weight + r * a.dim, a.dim) +
              (a.bias ? static_cast<acc_t>(a.bias[r]) : acc_t(0));
   }
+  return c;
+}
+
+// out[1 .. c) holds a node's children's logits (child 0's is 0): out[0 .. c) becomes
+// log p(child k | node).
+template <typename acc_t>
+HSM_ALWAYS_INLINE void node_log_softmax(acc_t* out, int c) {
   if (c == 2) {  // log sigma: lse(0, x) = max(x, 0) + log(1 + exp(-|x|)), one exp and one log
     const acc_t x = out[1];
     const acc_t lse = (x > 0 ? x : acc_t(0)) + math::log_one_plus(math::exp_neg_abs(x));
     out[0] = nan_to_neg_inf(-lse);
     out[1] = nan_to_neg_inf(x - lse);
-    return c;
+    return;
   }
   out[0] = 0;
   acc_t m = 0;
@@ -97,6 +103,16 @@ HSM_ALWAYS_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scala
   for (int k = 0; k < c; ++k) sum += std::exp(out[k] - m);
   const acc_t lse = m + std::log(sum);
   for (int k = 0; k < c; ++k) out[k] = nan_to_neg_inf(out[k] - lse);
+}
+
+// log p(child k | node) for every child k of internal node `node` into out[0 .. c), returns c.
+// Every search computes a node's children with node_logits + node_log_softmax (here, or for a
+// batch of binary nodes in score_binary_nodes), so a leaf's log-prob is the same bits in each.
+template <typename scalar_t, typename acc_t>
+HSM_ALWAYS_INLINE int child_log_probs(const SearchArgs<scalar_t>& a, const scalar_t* h,
+                                      int64_t node, acc_t* out) {
+  const int c = node_logits(a, h, node, out);
+  node_log_softmax(out, c);
   return c;
 }
 
@@ -224,6 +240,24 @@ struct TopkSearch {
   std::vector<acc_t> kept;  // min-heap: the k best leaf log-probs seen so far
   Entry<acc_t> cur;         // the node to take next
   int64_t example = -1, found = 0;
+  acc_t lp[2] = {0, 0};  // cur's children's log p, when has_lp (score_binary_nodes)
+  bool has_lp = false;
+
+  // Whether e can still hold a top-k leaf; a leaf joins the k best seen so far.
+  HSM_ALWAYS_INLINE bool admit(const Entry<acc_t>& e, int64_t k, int64_t num_leaves) {
+    const std::greater<acc_t> min_first;
+    // Strictly below the k-th best known leaf: nothing in there can make the top k.
+    if (static_cast<int64_t>(kept.size()) == k && e.log_prob < kept.front()) return false;
+    if (e.node < num_leaves) {
+      kept.push_back(e.log_prob);
+      std::push_heap(kept.begin(), kept.end(), min_first);
+      if (static_cast<int64_t>(kept.size()) > k) {
+        std::pop_heap(kept.begin(), kept.end(), min_first);
+        kept.pop_back();
+      }
+    }
+    return true;
+  }
 };
 
 // Takes the search's current node (a leaf is emitted, an internal node expanded) and moves it
@@ -237,29 +271,26 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
   using Codec = HeapCodec<acc_t>;
   const After<acc_t> after{a.num_leaves};
   const auto less = Codec::less(a.num_leaves);
-  const std::greater<acc_t> min_first;
   const Entry<acc_t> cur = s.cur;
   if (cur.node < a.num_leaves) {
     values[s.example * k + s.found] = static_cast<scalar_t>(cur.log_prob);
     indices[s.example * k + s.found] = cur.node;
     if (++s.found == k) return false;
   } else {
-    const scalar_t* h = a.hidden + s.example * a.dim;
-    const int c = child_log_probs<scalar_t, acc_t>(a, h, cur.node, local);
+    int c = 2;
+    if (s.has_lp) {
+      local[0] = s.lp[0];
+      local[1] = s.lp[1];
+      s.has_lp = false;
+    } else {
+      c = node_logits<scalar_t, acc_t>(a, a.hidden + s.example * a.dim, cur.node, local);
+      node_log_softmax(local, c);
+    }
     const int64_t first = a.child_ptr[cur.node - a.num_leaves];
     Entry<acc_t> best{acc_t(0), -1};
     for (int j = 0; j < c; ++j) {
       const Entry<acc_t> e{cur.log_prob + local[j], a.children[first + j]};
-      // Strictly below the k-th best known leaf: nothing in there can make the top k.
-      if (static_cast<int64_t>(s.kept.size()) == k && e.log_prob < s.kept.front()) continue;
-      if (e.node < a.num_leaves) {
-        s.kept.push_back(e.log_prob);
-        std::push_heap(s.kept.begin(), s.kept.end(), min_first);
-        if (static_cast<int64_t>(s.kept.size()) > k) {
-          std::pop_heap(s.kept.begin(), s.kept.end(), min_first);
-          s.kept.pop_back();
-        }
-      }
+      if (!s.admit(e, k, a.num_leaves)) continue;
       if (best.node < 0) {
         best = e;
       } else if (after(best, e)) {
@@ -284,11 +315,56 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
   return true;
 }
 
+// Before a round of steps: the children's log-probs of every search whose current node is a
+// binary one (most nodes of most trees), the dots four at a time with vec::dot4_pairs. Taken one
+// search at a time, each dot is one chain of dependent multiply-adds, then an exp and a log
+// that wait on it; side by side the chains overlap. The values are those of child_log_probs:
+// dot4_pairs is bit-identical to dot, then the same bias add and node_log_softmax.
+template <typename scalar_t>
+HSM_ALWAYS_INLINE void score_binary_nodes(const SearchArgs<scalar_t>& a,
+                                          TopkSearch<at::opmath_type<scalar_t>>* search, int n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kMax = 8;
+  TORCH_INTERNAL_ASSERT(n <= kMax);
+  int m = 0, who[kMax];
+  const scalar_t* hs[kMax];
+  const scalar_t* ws[kMax];
+  int64_t row[kMax];
+  for (int i = 0; i < n; ++i) {
+    const int64_t node = search[i].cur.node - a.num_leaves;
+    if (search[i].example < 0 || node < 0 || a.child_ptr[node + 1] - a.child_ptr[node] != 2) {
+      continue;
+    }
+    who[m] = i;
+    row[m] = a.node_row_ptr[node];
+    hs[m] = a.hidden + search[i].example * a.dim;
+    ws[m] = a.weight + row[m] * a.dim;
+    ++m;
+  }
+  acc_t z[kMax][2];
+  int j = 0;
+  for (; j + 4 <= m; j += 4) {
+    acc_t out[4];
+    vec::dot4_pairs<scalar_t, acc_t>(hs + j, ws + j, a.dim, out);
+    for (int q = 0; q < 4; ++q) z[j + q][1] = out[q];
+  }
+  for (; j < m; ++j) z[j][1] = dot<scalar_t, acc_t>(hs[j], ws[j], a.dim);
+  for (j = 0; j < m; ++j) {
+    if (a.bias) z[j][1] += static_cast<acc_t>(a.bias[row[j]]);
+    node_log_softmax(z[j], 2);
+    TopkSearch<acc_t>& s = search[who[j]];
+    s.lp[0] = z[j][0];
+    s.lp[1] = z[j][1];
+    s.has_lp = true;
+  }
+}
+
 // Top-k of examples [begin, end). Each search waits on a weight row from memory at every
 // expansion, and expansions depend on each other, so one search at a time leaves the core idle
 // most of the time: kInterleave searches run side by side, one step each in turn, and each
-// step's prefetch of its next row has the other searches' steps to arrive. Each search's own
-// sequence of steps is unchanged, so the results are those of one search at a time.
+// step's prefetch of its next row has the other searches' steps to arrive; the binary nodes of
+// a round are scored together first (score_binary_nodes). Each search's own sequence of steps
+// is unchanged, so the results are those of one search at a time.
 template <typename scalar_t>
 HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max_children,
                                scalar_t* values, int64_t* indices, int64_t begin, int64_t end) {
@@ -303,7 +379,7 @@ HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max
     s.example = next++;
     s.found = 0;
     s.cur = {acc_t(0), a.root};
-    prefetch_node_rows(a, a.root);
+    prefetch_node_rows(a, s.cur.node);
   };
   int active = 0;
   for (auto& s : search) {
@@ -312,6 +388,7 @@ HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max
     ++active;
   }
   while (active > 0) {
+    score_binary_nodes(a, search, kInterleave);
     for (int i = 0; i < kInterleave; ++i) {
       TopkSearch<acc_t>& s = search[i];
       if (s.example < 0) continue;

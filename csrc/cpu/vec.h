@@ -164,5 +164,38 @@ HSM_ALWAYS_INLINE void dot4<float, float>(const float* __restrict__ h, const flo
 }
 #endif
 
+// Four dots of four (h, w) pairs at once, each bit-identical to dot(h[i], w[i]): as dot4, for
+// callers whose rows belong to different queries.
+template <typename scalar_t, typename acc_t>
+HSM_ALWAYS_INLINE void dot4_pairs(const scalar_t* const* h, const scalar_t* const* w, int64_t n,
+                                  acc_t* __restrict__ out) {
+  for (int i = 0; i < 4; ++i) out[i] = dot<scalar_t, acc_t>(h[i], w[i], n);
+}
+
+#if defined(__GNUC__)
+template <>
+HSM_ALWAYS_INLINE void dot4_pairs<float, float>(const float* const* h, const float* const* w,
+                                                int64_t n, float* __restrict__ out) {
+  Vec8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    a0 += load8(h[0] + d) * load8(w[0] + d);
+    a1 += load8(h[1] + d) * load8(w[1] + d);
+    a2 += load8(h[2] + d) * load8(w[2] + d);
+    a3 += load8(h[3] + d) * load8(w[3] + d);
+  }
+  if (d < n) {
+    a0 += tail_product(h[0] + d, w[0] + d, n - d);
+    a1 += tail_product(h[1] + d, w[1] + d, n - d);
+    a2 += tail_product(h[2] + d, w[2] + d, n - d);
+    a3 += tail_product(h[3] + d, w[3] + d, n - d);
+  }
+  out[0] = reduce8(a0);
+  out[1] = reduce8(a1);
+  out[2] = reduce8(a2);
+  out[3] = reduce8(a3);
+}
+#endif
+
 }  // namespace vec
 }  // namespace hsoftmax
