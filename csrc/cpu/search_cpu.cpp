@@ -320,17 +320,15 @@ HSM_ALWAYS_INLINE bool topk_step(const SearchArgs<scalar_t>& a, int64_t k,
 // search at a time, each dot is one chain of dependent multiply-adds, then an exp and a log
 // that wait on it; side by side the chains overlap. The values are those of child_log_probs:
 // dot4_pairs is bit-identical to dot, then the same bias add and node_log_softmax.
-template <typename scalar_t>
+template <int kMax, typename scalar_t>
 HSM_ALWAYS_INLINE void score_binary_nodes(const SearchArgs<scalar_t>& a,
-                                          TopkSearch<at::opmath_type<scalar_t>>* search, int n) {
+                                          TopkSearch<at::opmath_type<scalar_t>> (&search)[kMax]) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kMax = 8;
-  TORCH_INTERNAL_ASSERT(n <= kMax);
   int m = 0, who[kMax];
   const scalar_t* hs[kMax];
   const scalar_t* ws[kMax];
   int64_t row[kMax];
-  for (int i = 0; i < n; ++i) {
+  for (int i = 0; i < kMax; ++i) {
     const int64_t node = search[i].cur.node - a.num_leaves;
     if (search[i].example < 0 || node < 0 || a.child_ptr[node + 1] - a.child_ptr[node] != 2) {
       continue;
@@ -388,7 +386,7 @@ HSM_CPU_CLONES void topk_range(const SearchArgs<scalar_t>& a, int64_t k, int max
     ++active;
   }
   while (active > 0) {
-    score_binary_nodes(a, search, kInterleave);
+    score_binary_nodes(a, search);
     for (int i = 0; i < kInterleave; ++i) {
       TopkSearch<acc_t>& s = search[i];
       if (s.example < 0) continue;

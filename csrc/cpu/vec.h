@@ -129,43 +129,9 @@ HSM_ALWAYS_INLINE float dot_wide<float, float>(const float* __restrict__ a,
 }
 #endif
 
-// Four dots of `h` at once: four independent accumulator chains hide the multiply-add latency
-// that a single dot waits on, and h is loaded once for all four rows. Each result is
-// bit-identical to dot(h, w_i): a row's logit does not depend on its neighbours on the path.
-template <typename scalar_t, typename acc_t>
-HSM_ALWAYS_INLINE void dot4(const scalar_t* __restrict__ h, const scalar_t* const* w, int64_t n,
-                            acc_t* __restrict__ out) {
-  for (int i = 0; i < 4; ++i) out[i] = dot<scalar_t, acc_t>(h, w[i], n);
-}
-
-#if defined(__GNUC__)
-template <>
-HSM_ALWAYS_INLINE void dot4<float, float>(const float* __restrict__ h, const float* const* w,
-                                          int64_t n, float* __restrict__ out) {
-  Vec8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    const Vec8f x = load8(h + d);
-    a0 += x * load8(w[0] + d);
-    a1 += x * load8(w[1] + d);
-    a2 += x * load8(w[2] + d);
-    a3 += x * load8(w[3] + d);
-  }
-  if (d < n) {
-    a0 += tail_product(h + d, w[0] + d, n - d);
-    a1 += tail_product(h + d, w[1] + d, n - d);
-    a2 += tail_product(h + d, w[2] + d, n - d);
-    a3 += tail_product(h + d, w[3] + d, n - d);
-  }
-  out[0] = reduce8(a0);
-  out[1] = reduce8(a1);
-  out[2] = reduce8(a2);
-  out[3] = reduce8(a3);
-}
-#endif
-
-// Four dots of four (h, w) pairs at once, each bit-identical to dot(h[i], w[i]): as dot4, for
-// callers whose rows belong to different queries.
+// Four dots of four (h, w) pairs at once, each bit-identical to dot(h[i], w[i]): four
+// independent accumulator chains instead of one waiting on the multiply-add latency. The rows
+// may belong to different queries (the top-k search's batched binary nodes) or to one (dot4).
 template <typename scalar_t, typename acc_t>
 HSM_ALWAYS_INLINE void dot4_pairs(const scalar_t* const* h, const scalar_t* const* w, int64_t n,
                                   acc_t* __restrict__ out) {
@@ -196,6 +162,16 @@ HSM_ALWAYS_INLINE void dot4_pairs<float, float>(const float* const* h, const flo
   out[3] = reduce8(a3);
 }
 #endif
+
+// Four dots of `h` at once: four independent accumulator chains hide the multiply-add latency
+// that a single dot waits on (once inlined, h's loads are shared). Each result is
+// bit-identical to dot(h, w_i): a row's logit does not depend on its neighbours on the path.
+template <typename scalar_t, typename acc_t>
+HSM_ALWAYS_INLINE void dot4(const scalar_t* __restrict__ h, const scalar_t* const* w, int64_t n,
+                            acc_t* __restrict__ out) {
+  const scalar_t* hs[4] = {h, h, h, h};
+  dot4_pairs<scalar_t, acc_t>(hs, w, n, out);
+}
 
 }  // namespace vec
 }  // namespace hsoftmax
