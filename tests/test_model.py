@@ -213,6 +213,53 @@ def _check_mixture(mix, v, g):
     assert torch.equal(mix.rank(hidden, window, y), rank_by_id(all_lp, y))
 
 
+@pytest.mark.parametrize(("first_k", "max_k"), [(1, 4), (2, 10**9), (8, 2048)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_mixture_in_window_rank_search_against_brute_force(monkeypatch, first_k, max_k, ties):
+    """Targets inside the window, tree heads on the CPU: the count of outside classes beating
+    the target comes from the head's grown top-k (and, past ``max_k``, from scoring all
+    classes). ``ties``: zero weights and integer biases, so many head values are equal and the
+    tie-breaks decide. Both paths must give the brute-force rank, and both must be taken."""
+    monkeypatch.setattr(HistoryMixture, "_SEARCH_FIRST_K", first_k)
+    monkeypatch.setattr(HistoryMixture, "_SEARCH_MAX_K", max_k)
+    calls = {"topk": 0, "all": 0}
+    g = torch.Generator().manual_seed(7)
+    v = 40
+    for s in range(6):
+        head = HierarchicalSoftmax(5, random_tree(v, s), dtype=torch.float64)
+        if ties:
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.copy_(torch.randint(-1, 2, head.bias.shape, generator=g).double())
+        topk, full = head.topk, head.ranking_log_prob_all
+
+        def count_topk(*a, _f=topk):
+            calls["topk"] += 1
+            return _f(*a)
+
+        def count_all(*a, _f=full):
+            calls["all"] += 1
+            return _f(*a)
+
+        monkeypatch.setattr(head, "topk", count_topk)
+        monkeypatch.setattr(head, "ranking_log_prob_all", count_all)
+        mix = HistoryMixture(head, 5, scorer=HistoryScorer()).double()
+        with torch.no_grad():
+            mix.gate.bias.uniform_(-3, 3, generator=g)
+            mix.gate.weight.normal_(generator=g)
+        hidden = torch.randn(32, 5, dtype=torch.float64, generator=g)
+        loc = torch.randint(0, v, (32, 6), generator=g)
+        valid = torch.rand(32, 6, generator=g) < 0.7
+        valid[:, 0] = True
+        window = mix.scorer(loc.masked_fill(~valid, 0), valid)
+        y = torch.randint(0, v, (32,), generator=g)
+        y[:24] = loc[:24, 0]  # most targets inside the window
+        want = rank_by_id(mix.log_prob_all(hidden, window), y)
+        assert torch.equal(mix.rank(hidden, window, y), want)
+    assert calls["topk"] > 0
+    assert (calls["all"] > 0) == (max_k < v)
+
+
 def test_mixture_rank_never_counts_the_target_against_itself():
     """A target whose window holds it twice: its own positions are scored in another element
     of the same vector op and may differ from its value by an ulp; they must not beat it."""

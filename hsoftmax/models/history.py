@@ -287,8 +287,11 @@ class HistoryMixture(nn.Module):
     **Exact rank.** ``rank(y) = 1 + #{l in W beating y} + #{l outside W beating y}`` where l beats
     y if it comes first in the order below. If y is outside W, the second count is
     the head's own: ``head.rank(y) - 1 - #{l in W beating y under the head}``. If y is in W,
-    it is the number of classes outside W whose ``log(1-g) + log p_head(l)`` beats ``log p(y)``,
-    counted over all V classes for those rows only (TODO: a pruned tree search).
+    it is the number of classes outside W whose ``log(1-g) + log p_head(l)`` beats ``log p(y)``.
+    Those classes are a prefix of the head's own order, so for a tree head on the CPU they are
+    counted from the head's pruned top-k, grown until its last value can no longer beat y
+    (``log(1-g) + last < log p(y)``); a row still unresolved at ``_SEARCH_MAX_K`` classes, and
+    any other head, scores all V classes for that row.
 
     Order and rounding: classes are ordered by mixture log-prob, then by the head's log-prob,
     then by lower id, all as computed (floats). Outside W the mixture value ``log(1-g) +
@@ -502,24 +505,75 @@ class HistoryMixture(nn.Module):
     def _count_outside_beating(
         self, hidden, window: Window, log_g, log_1mg, y_mix, y_head, target, lp_all
     ) -> torch.Tensor:
-        """(B,) ``#{l outside W: l comes before the target}`` for targets inside W: every class
-        scored with the head's ranking bits, in chunks of rows (O(V) per row).
+        """(B,) ``#{l outside W: l comes before the target}`` for targets inside W.
 
-        TODO(head): a pruned tree search (``head.count_above``) would make this O(searched
-        nodes); the order's tie-breaks would have to be carried into it.
+        Outside W the mixture orders like the head, so the classes that beat y there are a
+        prefix of the head's order. With a tree head on the CPU (``lp_all`` None) the head's
+        exact top-k (the same bits as ``log_prob``) is grown, 4x at a time from
+        ``_SEARCH_FIRST_K``, until its last class's mixture value is below ``log p(y)``: every
+        class after it has a head value no higher, hence (the mixture value being monotone in
+        the head's) a mixture value below ``log p(y)`` too. Rows still unresolved at
+        ``_SEARCH_MAX_K`` classes score all V (O(V) per row), as every row of another head does.
         """
-        out = []
-        for s in range(0, hidden.shape[0], 256):
-            sl = slice(s, s + 256)
-            lp = lp_all[sl] if lp_all is not None else self.head.ranking_log_prob_all(hidden[sl])
-            ids = torch.arange(lp.shape[1], device=lp.device)[None, :]
-            mix = self._mix(log_g[sl], log_1mg[sl], torch.full_like(lp, _NEG_INF), lp)
-            first = (lp > y_head[sl]) | ((lp == y_head[sl]) & (ids < target[sl, None]))
-            above = (mix > y_mix[sl]) | ((mix == y_mix[sl]) & first)
-            loc, valid = window.loc[sl], window.valid[sl]
-            hits = torch.zeros_like(lp, dtype=torch.long).scatter_add_(1, loc, valid.long())
-            out.append((above & (hits == 0)).sum(1))
-        return torch.cat(out)
+        count = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        todo = torch.arange(hidden.shape[0], device=hidden.device)
+        v = self.num_classes
+        k = self._SEARCH_FIRST_K
+        while lp_all is None and todo.numel() and k <= self._SEARCH_MAX_K:
+            k = min(k, v)
+            lp, ids = self.head.topk(hidden[todo], k)
+            above = self._outside_beating(
+                window_rows(window, todo),
+                log_g[todo],
+                log_1mg[todo],
+                y_mix[todo],
+                y_head[todo],
+                target[todo],
+                lp,
+                ids,
+            )
+            last_mix = self._mix(
+                log_g[todo], log_1mg[todo], torch.full_like(lp[:, -1:], _NEG_INF), lp[:, -1:]
+            )[:, 0]
+            done = (last_mix < y_mix[todo, 0]) | (k == v)
+            count[todo[done]] = above.sum(1)[done]
+            todo = todo[~done]
+            k *= 4
+        for s in range(0, todo.numel(), 256):
+            rows = todo[s : s + 256]
+            lp = (
+                lp_all[rows] if lp_all is not None else self.head.ranking_log_prob_all(hidden[rows])
+            )
+            ids = torch.arange(v, device=lp.device).expand_as(lp)
+            above = self._outside_beating(
+                window_rows(window, rows),
+                log_g[rows],
+                log_1mg[rows],
+                y_mix[rows],
+                y_head[rows],
+                target[rows],
+                lp,
+                ids,
+            )
+            count[rows] = above.sum(1)
+        return count
+
+    # the in-window rank's pruned search: first top-k size and the size past which a row
+    # scores all V classes instead (class attributes, so a test can shrink them)
+    _SEARCH_FIRST_K = 8
+    _SEARCH_MAX_K = 2048
+
+    def _outside_beating(self, window: Window, log_g, log_1mg, y_mix, y_head, target, lp, ids):
+        """(B, K) bool: class ``ids`` (head log-prob ``lp``) lies outside the window and comes
+        before the target (mixture value, then the head's value, then lower id)."""
+        mix = self._mix(log_g, log_1mg, torch.full_like(lp, _NEG_INF), lp)
+        first = (lp > y_head) | ((lp == y_head) & (ids < target[:, None]))
+        above = (mix > y_mix) | ((mix == y_mix) & first)
+        # membership in the window by binary search; invalid positions hold V, never an id
+        loc = window.loc.masked_fill(~window.valid, self.num_classes).sort(1).values
+        pos = torch.searchsorted(loc, ids.contiguous()).clamp(max=loc.shape[1] - 1)
+        in_window = loc.gather(1, pos) == ids
+        return above & ~in_window
 
 
 def window_rows(window: Window, rows: torch.Tensor) -> Window:
