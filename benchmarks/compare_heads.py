@@ -17,7 +17,9 @@ brackets the epoch whose weights are tested, the one with the lowest validation 
 Acc@1/5/10, MRR, NDCG@10, weighted F1 (all %, exact ranks over all locations;
 mean ± standard deviation over seeds), trainable parameters, training seconds per epoch (training
 steps only, validation excluded; the median over the run's epochs, averaged over seeds; for a
-quiet-machine figure see ``benchmarks/test_bench_train_step.py``), and the peak resident memory
+quiet-machine figure see ``benchmarks/test_bench_train_step.py``), the whole training at that
+pace (epochs x that median, in minutes, averaged over seeds: a head that needs more epochs to
+early stopping pays for it here), and the peak resident memory
 of the training process (``ru_maxrss``: data, model, optimizer and Python included, so it is an
 upper bound on what the head adds). Every ``--set key=value`` is passed to each run (e.g.
 ``--set train.num_threads=1``).
@@ -250,8 +252,8 @@ def _epochs_cell(rows: list[dict]) -> str:
 def table(results: list[dict]) -> str:
     lines = [
         "| configuration | seeds | epochs | Acc@1 | Acc@5 | Acc@10 | MRR | NDCG@10 | F1 "
-        "| parameters | s/epoch | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| parameters | s/epoch | training (min) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in dict.fromkeys(r["config"] for r in results):
         rows = [r for r in results if r["config"] == name]
@@ -261,6 +263,8 @@ def table(results: list[dict]) -> str:
             + " | ".join(cells)
             + f" | {rows[0]['params']['total']:,} | "
             + f"{statistics.mean(r['seconds_per_epoch'] for r in rows):.1f} | "
+            # epochs to early stopping x the median epoch: the whole training, at that pace
+            + f"{statistics.mean(r['epochs'] * r['seconds_per_epoch'] for r in rows) / 60:.1f} | "
             + f"{max(r['peak_rss_mb'] for r in rows):.0f} |"
         )
     return "\n".join(lines)

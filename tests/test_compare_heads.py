@@ -114,6 +114,9 @@ def test_table_only_tabulates_every_recorded_run_with_its_best_epoch(tmp_path, c
     assert "| dense | 1 | 3 (best 1) | 44.00 |" in table
     assert "| hs-binary | 2 | 3/3 (best 2/3) | 41.00 ± 1.41 |" in table
     assert "| hs-huffman | 1 | 5 | 30.00 |" in table
+    # parameters, s/epoch (mean of the seeds' medians), training = epochs x s/epoch, RSS
+    assert table.splitlines()[-1].endswith("| 1,000 | 4.0 | 0.3 | 9 |")  # 5 x 4.0 s = 20 s
+    assert "| 1,000 | 2.0 | 0.1 | 10 |" in table  # hs-binary: 3 x 2.0 s per seed
     (tmp_path / "results.json").write_text("[]")
     with pytest.raises(SystemExit, match="holds no runs"):
         compare_heads.main(argv)
