@@ -1,6 +1,6 @@
 """Exact top-k and rank of the hierarchical-softmax head against a dense ``Linear`` head.
 
-Run: ``PYTHONPATH=. pytest benchmarks/test_bench_head.py --benchmark-only`` (about 25 s on a
+Run: ``PYTHONPATH=. pytest benchmarks/test_bench_head.py --benchmark-only`` (about 40 s on a
 quiet machine, up to 150 s when the cores are shared).
 
 Setting (the issue's): V = 15,584 classes, D = 112, B = 1,024 queries, 2 threads, float32, a
@@ -148,6 +148,40 @@ def test_rank_hs(benchmark, setting, weights):
     benchmark.extra_info.update(setting["peakedness"][weights])
     benchmark.extra_info["median_rank"] = float(rank.float().median())
     assert rank.shape == (B,)
+
+
+# ------------------------------------------------------------------ every class's log-prob
+
+
+@pytest.fixture(scope="module")
+def all_classes_inputs():
+    """Untrained weights: scoring every class costs the same whatever the weights."""
+    torch.set_num_threads(THREADS)
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    heads = {a: HierarchicalSoftmax(D, Tree.balanced(V, a)) for a in (2, 128)}
+    return heads, torch.randn(B, D, generator=g), torch.nn.Linear(D, V)
+
+
+@pytest.mark.benchmark(group="all-classes")
+def test_all_classes_dense(benchmark, all_classes_inputs):
+    _, hidden, dense = all_classes_inputs
+    with torch.no_grad():
+        out = run(benchmark, lambda: F.log_softmax(dense(hidden), dim=1))
+    assert out.shape == (B, V)
+
+
+@pytest.mark.benchmark(group="all-classes")
+@pytest.mark.parametrize("arity", [2, 128])
+@pytest.mark.parametrize("method", ["ranking_log_prob_all", "log_prob_all"])
+def test_all_classes_hs(benchmark, all_classes_inputs, arity, method):
+    """``ranking_log_prob_all``: the C++ scorer with the searches' bits (what the history
+    mixture's exact rank falls back to); ``log_prob_all``: the differentiable PyTorch one."""
+    heads, hidden, _ = all_classes_inputs
+    fn = getattr(heads[arity], method)
+    with torch.no_grad():
+        out = run(benchmark, lambda: fn(hidden))
+    assert out.shape == (B, V)
 
 
 # ------------------------------------------------------------------ label-smoothed training loss

@@ -702,10 +702,12 @@ def test_search_values_are_log_prob_bits(dtype, tree_name):
 @pytest.mark.parametrize("bias", [True, False])
 def test_ranking_log_prob_all_has_the_search_bits(tree_name, dtype, bias):
     """The searches score nodes one at a time and, for binary nodes, several queries' at once
-    (20 queries: rounds of 8 interleaved searches, refilled as they finish): same bits."""
+    (rounds of 8 interleaved searches, refilled as they finish); the all-leaves scorer scores
+    tiles of 16 queries node by node, 4 queries at a time plus a remainder (23 queries: every
+    case, on 1 or 2 threads). All must be the same bits."""
     tree = get_tree(tree_name)
     head = hs_head(tree, 13, seed=9, scale=2.0, dtype=dtype, bias=bias)
-    hidden = torch.randn(20, 13, dtype=dtype, generator=torch.Generator().manual_seed(10))
+    hidden = torch.randn(23, 13, dtype=dtype, generator=torch.Generator().manual_seed(10))
     lp = head.ranking_log_prob_all(hidden)
     values, ids = head.topk(hidden, tree.num_leaves)
     assert torch.equal(lp.gather(1, ids), values)

@@ -462,19 +462,85 @@ HSM_CPU_CLONES void rank_range(const SearchArgs<scalar_t>& a, const int64_t* lea
   }
 }
 
-// Every leaf's log-probability of examples [begin, end) into out (B, V), accumulated root-down
-// by a depth-first walk with child_log_probs: the bits topk and rank order by.
+// Internal nodes (tree ids) in breadth-first order from the root: every parent before its
+// children. Empty for a one-leaf tree.
+std::vector<int64_t> internal_nodes_parents_first(const int64_t* child_ptr, const int32_t* children,
+                                                  int64_t num_leaves, int64_t root) {
+  std::vector<int64_t> order;
+  if (root < num_leaves) return order;
+  order.push_back(root);
+  for (size_t i = 0; i < order.size(); ++i) {
+    const int64_t n = order[i] - num_leaves;
+    for (int64_t j = child_ptr[n]; j < child_ptr[n + 1]; ++j) {
+      if (children[j] >= num_leaves) order.push_back(children[j]);
+    }
+  }
+  return order;
+}
+
+// Examples scored together by all_leaves_range: each weight row is read once per tile.
+constexpr int kLeafTile = 16;
+
+// Every leaf's log-probability of examples [begin, end) into out (B, V): the bits topk and rank
+// order by. Per tile of kLeafTile examples the nodes are visited parents first (`order`), each
+// node's rows scored for the whole tile while they are in cache, four (example, row) dots at a
+// time with vec::dot4_pairs (bit-identical to dot, so to node_logits), then node_log_softmax
+// per example, and the children's prefixes accumulated root-down as prefix(parent) + log p(child
+// | parent), as the searches do. A walk per example would read the whole weight matrix from
+// memory once per example; here once per tile.
 template <typename scalar_t>
-HSM_CPU_CLONES void all_leaves_range(const SearchArgs<scalar_t>& a, int max_children, scalar_t* out,
-                                     int64_t begin, int64_t end) {
+HSM_CPU_CLONES void all_leaves_range(const SearchArgs<scalar_t>& a, const int64_t* order,
+                                     int64_t num_internal, int64_t num_nodes, int max_children,
+                                     scalar_t* out, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> local(max_children);
-  std::vector<Entry<acc_t>> stack;
-  for (int64_t b = begin; b < end; ++b) {
-    const scalar_t* h = a.hidden + b * a.dim;
-    scalar_t* row = out + b * a.num_leaves;
-    walk_at_least(a, h, -std::numeric_limits<acc_t>::infinity(), local.data(), stack,
-                  [&](acc_t lp, int64_t leaf) { row[leaf] = static_cast<scalar_t>(lp); });
+  if (a.root < a.num_leaves) {  // a one-leaf tree: log p = 0
+    for (int64_t b = begin; b < end; ++b) out[b * a.num_leaves + a.root] = scalar_t(0);
+    return;
+  }
+  constexpr int Q = kLeafTile;
+  std::vector<acc_t> pre(static_cast<size_t>(num_nodes) * Q);  // by internal index
+  std::vector<acc_t> logit(static_cast<size_t>(max_children) * Q);
+  for (int64_t b0 = begin; b0 < end; b0 += Q) {
+    const int q_n = static_cast<int>(std::min<int64_t>(Q, end - b0));
+    const scalar_t* h[Q];
+    for (int q = 0; q < q_n; ++q) h[q] = a.hidden + (b0 + q) * a.dim;
+    const int64_t root_i = a.root - a.num_leaves;
+    for (int q = 0; q < q_n; ++q) pre[root_i * Q + q] = acc_t(0);
+    for (int64_t t = 0; t < num_internal; ++t) {
+      const int64_t i = order[t] - a.num_leaves;
+      const int c = static_cast<int>(a.child_ptr[i + 1] - a.child_ptr[i]);
+      const int64_t r0 = a.node_row_ptr[i];
+      // logit[q * max_children + k], k = 1 .. c-1: child k's logit for example q (child 0: 0)
+      for (int k = 1; k < c; ++k) {
+        const scalar_t* w = a.weight + (r0 + k - 1) * a.dim;
+        const acc_t bias = a.bias ? static_cast<acc_t>(a.bias[r0 + k - 1]) : acc_t(0);
+        int q = 0;
+        for (; q + 4 <= q_n; q += 4) {
+          const scalar_t* ws[4] = {w, w, w, w};
+          acc_t d[4];
+          vec::dot4_pairs<scalar_t, acc_t>(h + q, ws, a.dim, d);
+          for (int j = 0; j < 4; ++j) logit[(q + j) * max_children + k] = d[j] + bias;
+        }
+        for (; q < q_n; ++q) {
+          logit[q * max_children + k] = dot<scalar_t, acc_t>(h[q], w, a.dim) + bias;
+        }
+      }
+      const int64_t first = a.child_ptr[i];
+      for (int q = 0; q < q_n; ++q) {
+        acc_t* lp = logit.data() + q * max_children;
+        node_log_softmax(lp, c);
+        const acc_t p = pre[i * Q + q];
+        for (int j = 0; j < c; ++j) {
+          const int64_t child = a.children[first + j];
+          const acc_t v = p + lp[j];
+          if (child >= a.num_leaves) {
+            pre[(child - a.num_leaves) * Q + q] = v;
+          } else {
+            out[(b0 + q) * a.num_leaves + child] = static_cast<scalar_t>(v);
+          }
+        }
+      }
+    }
   }
 }
 
@@ -628,12 +694,15 @@ at::Tensor leaf_log_prob_all_cpu(const at::Tensor& hidden, const at::Tensor& wei
   check_search_args(hidden, weight, bias, tree, root);
   auto out = at::empty({hidden.size(0), weight.size(0) + 1}, hidden.options());
   const int max_children = max_children_of(child_ptr);
+  const std::vector<int64_t> order = internal_nodes_parents_first(
+      child_ptr.data_ptr<int64_t>(), children.data_ptr<int32_t>(), weight.size(0) + 1, root);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "leaf_log_prob_all_cpu", [&] {
         const auto a = args_of<scalar_t>(hidden, weight, bias, tree, root);
         scalar_t* o = out.data_ptr<scalar_t>();
-        at::parallel_for(0, hidden.size(0), kSearchGrain, [&](int64_t begin, int64_t end) {
-          all_leaves_range(a, max_children, o, begin, end);
+        at::parallel_for(0, hidden.size(0), kLeafTile, [&](int64_t begin, int64_t end) {
+          all_leaves_range(a, order.data(), static_cast<int64_t>(order.size()),
+                           child_ptr.size(0) - 1, max_children, o, begin, end);
         });
       });
   return out;
