@@ -491,21 +491,15 @@ class HistoryMixture(nn.Module):
         if bool(in_w.any()):
             rows = in_w.nonzero()[:, 0]
             rank[rows] += self._count_outside_beating(
-                hidden[rows],
-                window_rows(window, rows),
-                log_g[rows],
-                log_1mg[rows],
-                y_mix[rows],
-                y_head[rows],
-                target[rows],
-                None if lp_all is None else lp_all[rows],
+                rows, hidden, window, log_g, log_1mg, y_mix, y_head, target, lp_all
             )
         return rank
 
     def _count_outside_beating(
-        self, hidden, window: Window, log_g, log_1mg, y_mix, y_head, target, lp_all
+        self, rows, hidden, window: Window, log_g, log_1mg, y_mix, y_head, target, lp_all
     ) -> torch.Tensor:
-        """(B,) ``#{l outside W: l comes before the target}`` for targets inside W.
+        """(len(rows),) ``#{l outside W: l comes before the target}`` for the given rows of the
+        batch, whose targets are inside W (the other arguments are the whole batch's).
 
         Outside W the mixture orders like the head, so the classes that beat y there are a
         prefix of the head's order. With a tree head on the CPU (``lp_all`` None) the head's
@@ -515,47 +509,40 @@ class HistoryMixture(nn.Module):
         the head's) a mixture value below ``log p(y)`` too. Rows still unresolved at
         ``_SEARCH_MAX_K`` classes score all V (O(V) per row), as every row of another head does.
         """
-        count = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        todo = torch.arange(hidden.shape[0], device=hidden.device)
+
+        def beating(r, lp, ids):  # (len(r), K): which of ``ids`` beat the target of rows r
+            return self._outside_beating(
+                window_rows(window, r),
+                log_g[r],
+                log_1mg[r],
+                y_mix[r],
+                y_head[r],
+                target[r],
+                lp,
+                ids,
+            )
+
+        count = torch.zeros(rows.numel(), dtype=torch.long, device=hidden.device)
+        todo = torch.arange(rows.numel(), device=hidden.device)  # positions in rows
         v = self.num_classes
         k = self._SEARCH_FIRST_K
         while lp_all is None and todo.numel() and k <= self._SEARCH_MAX_K:
             k = min(k, v)
-            lp, ids = self.head.topk(hidden[todo], k)
-            above = self._outside_beating(
-                window_rows(window, todo),
-                log_g[todo],
-                log_1mg[todo],
-                y_mix[todo],
-                y_head[todo],
-                target[todo],
-                lp,
-                ids,
-            )
+            r = rows[todo]
+            lp, ids = self.head.topk(hidden[r], k)
+            above = beating(r, lp, ids)
             last_mix = self._mix(
-                log_g[todo], log_1mg[todo], torch.full_like(lp[:, -1:], _NEG_INF), lp[:, -1:]
+                log_g[r], log_1mg[r], torch.full_like(lp[:, -1:], _NEG_INF), lp[:, -1:]
             )[:, 0]
-            done = (last_mix < y_mix[todo, 0]) | (k == v)
+            done = (last_mix < y_mix[r, 0]) | (k == v)
             count[todo[done]] = above.sum(1)[done]
             todo = todo[~done]
             k *= 4
         for s in range(0, todo.numel(), 256):
-            rows = todo[s : s + 256]
-            lp = (
-                lp_all[rows] if lp_all is not None else self.head.ranking_log_prob_all(hidden[rows])
-            )
-            ids = torch.arange(v, device=lp.device).expand_as(lp)
-            above = self._outside_beating(
-                window_rows(window, rows),
-                log_g[rows],
-                log_1mg[rows],
-                y_mix[rows],
-                y_head[rows],
-                target[rows],
-                lp,
-                ids,
-            )
-            count[rows] = above.sum(1)
+            part = todo[s : s + 256]
+            r = rows[part]
+            lp = lp_all[r] if lp_all is not None else self.head.ranking_log_prob_all(hidden[r])
+            count[part] = beating(r, lp, torch.arange(v, device=lp.device).expand_as(lp)).sum(1)
         return count
 
     # the in-window rank's pruned search: first top-k size and the size past which a row
