@@ -182,7 +182,7 @@ def _result(name: str, seed: int, run_dir: Path, wall_seconds: float | None) -> 
 def _best_epoch(history: list[dict]) -> int | None:
     """The epoch whose weights the run tested: the trainer's early-stopping rule, the lowest
     validation NLL (``improves``)."""
-    from hsoftmax.training.trainer import improves
+    from hsoftmax.training import improves
 
     best, best_epoch = float("inf"), None
     for i, row in enumerate(history):

@@ -19,8 +19,9 @@ import torch
 from hsoftmax.data import MobilityDataset, collate
 from hsoftmax.models import build_model
 from hsoftmax.models.history import HistoryMixture
+from hsoftmax.training import load_checkpoint, load_data
 from hsoftmax.training.config import load_config
-from hsoftmax.training.trainer import _to, load_checkpoint, load_data
+from hsoftmax.training.evaluate import to_device as _to
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from tree_study import synthetic_city
 
-from hsoftmax import Tree
+from hsoftmax import trees
 
 V = 15_584
 
@@ -22,13 +22,15 @@ def city():
 
 
 BUILDS = {
-    "kmeans-128": lambda c: Tree.from_features(c[0], branching=(128,), seed=0, coords="latlon"),
-    "kmeans-binary": lambda c: Tree.from_features(
+    "kmeans-128": lambda c: trees.from_features(c[0], branching=(128,), seed=0, coords="latlon"),
+    "kmeans-binary": lambda c: trees.from_features(
         c[0], branching="binary", seed=0, coords="latlon"
     ),
-    "kmeans-16x16": lambda c: Tree.from_features(c[0], branching=(16, 16), seed=0, coords="latlon"),
-    "huffman": lambda c: Tree.huffman(c[1]),
-    "cooccurrence-150": lambda c: Tree.from_cooccurrence(c[2], branching=(150,), seed=0),
+    "kmeans-16x16": lambda c: trees.from_features(
+        c[0], branching=(16, 16), seed=0, coords="latlon"
+    ),
+    "huffman": lambda c: trees.huffman(c[1]),
+    "cooccurrence-150": lambda c: trees.from_cooccurrence(c[2], branching=(150,), seed=0),
 }
 
 

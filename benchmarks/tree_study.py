@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from hsoftmax import Tree
+from hsoftmax import Tree, trees
 from hsoftmax.ops import path_log_prob
 
 
@@ -149,14 +149,14 @@ def time_steps(steps: dict[str, Step], total: int, rounds: int = 5) -> None:
 BUILDERS = {
     "balanced binary": lambda d, s: Tree.balanced(d["v"], 2),
     "balanced 128-ary": lambda d, s: Tree.balanced(d["v"], 128),
-    "Huffman (binary, target counts)": lambda d, s: Tree.huffman(d["counts"]),
-    "k-means coords (128,)": lambda d, s: Tree.from_features(
+    "Huffman (binary, target counts)": lambda d, s: trees.huffman(d["counts"]),
+    "k-means coords (128,)": lambda d, s: trees.from_features(
         d["latlon"], branching=(128,), seed=s, coords="latlon"
     ),
-    "k-means coords binary": lambda d, s: Tree.from_features(
+    "k-means coords binary": lambda d, s: trees.from_features(
         d["latlon"], branching="binary", seed=s, coords="latlon"
     ),
-    "co-occurrence (150,)": lambda d, s: Tree.from_cooccurrence(
+    "co-occurrence (150,)": lambda d, s: trees.from_cooccurrence(
         d["transitions"], branching=(150,), seed=s
     ),
 }
@@ -197,17 +197,17 @@ def main(argv=None) -> None:
         "| tree | build (s) | depth | internal nodes | mean dot products | "
         "expected dot products | expected path length | step median (ms) | step min (ms) |"
     )
-    trees, seconds = {}, {}
+    built, seconds = {}, {}
     for name, build in BUILDERS.items():
         start = time.perf_counter()
-        trees[name] = build(data, args.seed)
+        built[name] = build(data, args.seed)
         seconds[name] = time.perf_counter() - start
-    steps = {name: Step(t, counts, args.batch, args.dim, args.seed) for name, t in trees.items()}
+    steps = {name: Step(t, counts, args.batch, args.dim, args.seed) for name, t in built.items()}
     time_steps(steps, args.steps)
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, tree in trees.items():
-        stats = tree.stats(counts)
+    for name, tree in built.items():
+        stats = trees.tree_stats(tree, counts)
         print(
             f"| {name} | {seconds[name]:.2f} | {stats['depth']} | {stats['num_internal']:,} | "
             f"{stats['mean_dot_products']:.1f} | {stats['expected_dot_products']:.1f} | "

@@ -6,10 +6,10 @@ was built for the installed torch.
 
 from hsoftmax import ops
 from hsoftmax._build import cuda_version, has_cuda_kernels
+from hsoftmax._version import __version__
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
 from hsoftmax.tree import Tree
 
-__version__ = "0.1.0"
 __all__ = [
     "Tree",
     "HierarchicalSoftmax",

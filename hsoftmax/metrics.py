@@ -15,7 +15,6 @@ All values are returned in percent, plus ``n`` (the number of samples). Determin
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 
 __all__ = ["METRIC_NAMES", "format_table", "metrics_from_ranks", "per_user_metrics"]
@@ -64,18 +63,50 @@ def metrics_from_ranks(ranks, top1, y) -> dict[str, float]:
         )
     ndcg = np.where(r <= 10, 1.0 / np.log2(r + 1.0), 0.0)
     return {
-        "acc@1": 100.0 * float(np.mean(r <= 1)),
-        "acc@5": 100.0 * float(np.mean(r <= 5)),
-        "acc@10": 100.0 * float(np.mean(r <= 10)),
-        "mrr": 100.0 * float(np.mean(1.0 / r)),
+        **_rank_metrics(r),
         "ndcg@10": 100.0 * float(np.mean(ndcg)),
         "f1": 100.0 * float(f1_score(yy, t1, average="weighted", zero_division=0)),
         "n": int(n),
     }
 
 
-def per_user_metrics(ranks, top1, y, user) -> pd.DataFrame:
-    """One row of :func:`metrics_from_ranks` per user (column ``user``), sorted by user id."""
+def _rank_metrics(rank: np.ndarray) -> dict[str, float]:
+    """Acc@1/5/10 and MRR in % from 1-based ranks; a rank of 0 means "not ranked" (a miss with
+    reciprocal rank 0, for truncated prediction lists)."""
+    hit = rank >= 1
+    rr = np.where(hit, 1.0 / np.maximum(rank, 1), 0.0)
+    out = {f"acc@{k}": 100.0 * float(np.mean(hit & (rank <= k))) for k in (1, 5, 10)}
+    return {**out, "mrr": 100.0 * float(np.mean(rr))}
+
+
+def metrics_from_lists(preds: list[np.ndarray], y) -> dict[str, float]:
+    """Acc@1/5/10 and MRR (in %) of truncated ranked prediction lists (one array of class ids
+    per sample, best first): a target missing from its list counts as a miss with reciprocal
+    rank 0. For baselines that rank only their top few classes."""
+    yy = _np(y).astype(np.int64).reshape(-1)
+    if len(preds) != yy.size:
+        raise ValueError(f"{len(preds)} prediction lists for {yy.size} targets")
+    rank = np.zeros(yy.size, dtype=np.int64)  # 1-based; 0 = not in the list
+    for i, (p, t) in enumerate(zip(preds, yy, strict=True)):
+        hit = np.flatnonzero(np.asarray(p) == t)
+        if hit.size:
+            rank[i] = hit[0] + 1
+    if yy.size == 0:
+        return {
+            "acc@1": float("nan"),
+            "acc@5": float("nan"),
+            "acc@10": float("nan"),
+            "mrr": float("nan"),
+            "n": 0,
+        }
+    return {**_rank_metrics(rank), "n": int(yy.size)}
+
+
+def per_user_metrics(ranks, top1, y, user):
+    """One row of :func:`metrics_from_ranks` per user (column ``user``), sorted by user id: a
+    pandas ``DataFrame``."""
+    import pandas as pd
+
     r, t1, yy, u = (_np(a).reshape(-1) for a in (ranks, top1, y, user))
     rows = []
     for uid in np.unique(u):

@@ -1,10 +1,15 @@
-"""Typed, validated entry points to the ``torch.ops.hsoftmax`` op family.
+"""Typed, validated entry points to the ``torch.ops.hsoftmax`` op family: every public op.
+
+* :func:`path_log_prob`: the fused path log-probability, differentiable (CPU and CUDA).
+* :func:`topk_leaves`, :func:`leaf_rank`, :func:`leaf_log_prob_all`: exact tree searches (CPU,
+  not differentiable: they return ids, ranks and detached values).
+* :func:`dropout_mask`: the counter-based dropout keep mask (CPU).
 
 Dimension letters: B batch, D hidden size, V leaves (classes), R ``tree.max_path_rows``.
 
-The C++ library defines the schemas and the CPU/CUDA kernels; this file registers the autograd
-formula and the fake (meta) kernels, so the op works under ``torch.compile`` and passes
-``torch.library.opcheck``.
+The C++ library defines the schemas and the kernels; this file registers the autograd formula and
+the fake (meta) kernels, so the ops work under ``torch.compile`` and pass
+``torch.library.opcheck``. Models and heads call these functions, never ``torch.ops`` directly.
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ import torch
 from hsoftmax import _build  # noqa: F401  (loads the library and checks its torch version)
 from hsoftmax.tree import Tree
 
-__all__ = ["path_log_prob"]
+__all__ = [
+    "accumulate_dtype",
+    "dropout_mask",
+    "leaf_log_prob_all",
+    "leaf_rank",
+    "path_log_prob",
+    "topk_leaves",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -127,7 +139,9 @@ def _check_args(hidden, weight, bias, tree, target) -> None:
             )
 
 
-def _coef_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in for inputs of ``dtype``: float64 for float64, else
+    float32 (reduced precisions accumulate in float32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -147,7 +161,7 @@ def _forward_fake(
     batch = hidden.shape[0]
     return (
         hidden.new_empty((batch,)),
-        hidden.new_empty((batch, max_path_rows), dtype=_coef_dtype(hidden.dtype)),
+        hidden.new_empty((batch, max_path_rows), dtype=accumulate_dtype(hidden.dtype)),
     )
 
 
@@ -184,11 +198,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(
         hidden, weight, coef, node_row_ptr, leaf_path_ptr, path_node, path_choice, target
     )
-
-
-def _sparse_rows(index, values, shape):
-    # the kernel returns sorted, unique row ids: coalesced by construction, no check needed
-    return torch.sparse_coo_tensor(index, values, shape, is_coalesced=True, check_invariants=False)
 
 
 def _backward(ctx, grad_log_prob, _grad_coef):
@@ -255,3 +264,120 @@ def _no_context(ctx, inputs, output):
 torch.library.register_autograd(
     "hsoftmax::path_log_prob_backward", _double_backward, setup_context=_no_context
 )
+
+
+# ---------------------------------------------------------------------------- tree searches
+
+
+def _search_args(hidden, weight, bias, tree: Tree) -> tuple:
+    if not isinstance(tree, Tree):
+        raise TypeError(f"tree must be an hsoftmax.Tree, got {type(tree).__name__}")
+    t = tree.search_tables()
+    return (
+        hidden.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        t.child_ptr,
+        t.children,
+        t.node_row_ptr,
+    )
+
+
+def topk_leaves(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tree: Tree,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k leaves by ``log p(leaf | hidden)``, by best-first search (CPU).
+
+    Args:
+        hidden: (B, D); weight: (V - 1, D); bias: (V - 1,) or None, all one dtype, on the CPU.
+        tree: the :class:`~hsoftmax.Tree` with V leaves.
+        k: 1 <= k <= V.
+
+    Returns:
+        values (B, k) in ``hidden``'s dtype (accumulated in :func:`accumulate_dtype`) and indices
+        (B, k) int64, ordered by log-prob descending, then leaf id ascending. Deterministic: the
+        result does not depend on the thread count. Arguments are validated by
+        :class:`hsoftmax.nn.HierarchicalSoftmax` (the kernels check again).
+    """
+    args = _search_args(hidden, weight, bias, tree)
+    return torch.ops.hsoftmax.topk_leaves(*args, tree.search_tables().root, k)
+
+
+def leaf_rank(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tree: Tree,
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """(B,) int64 1-based rank of ``target`` among all V leaves, by pruned depth-first search.
+
+    ``rank = 1 + #{l : lp(l) > lp(y)} + #{l : lp(l) == lp(y), l < y}``: the position of ``y`` in
+    the order of :func:`topk_leaves` with ``k = V``.
+    """
+    args = _search_args(hidden, weight, bias, tree)
+    t = tree.search_tables()
+    return torch.ops.hsoftmax.leaf_rank(
+        *args,
+        t.leaf_path_ptr,
+        t.path_node,
+        t.path_choice,
+        t.root,
+        target.to(torch.int64).contiguous(),
+    )
+
+
+def leaf_log_prob_all(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tree: Tree
+) -> torch.Tensor:
+    """(B, V) ``log p(leaf | hidden)`` of every leaf with the bits :func:`topk_leaves` and
+    :func:`leaf_rank` order by (CPU, not differentiable)."""
+    args = _search_args(hidden, weight, bias, tree)
+    return torch.ops.hsoftmax.leaf_log_prob_all(*args, tree.search_tables().root)
+
+
+@torch.library.register_fake("hsoftmax::leaf_log_prob_all")
+def _leaf_log_prob_all_fake(hidden, weight, bias, child_ptr, children, node_row_ptr, root):
+    return hidden.new_empty((hidden.shape[0], weight.shape[0] + 1))
+
+
+@torch.library.register_fake("hsoftmax::topk_leaves")
+def _topk_leaves_fake(hidden, weight, bias, child_ptr, children, node_row_ptr, root, k):
+    batch = hidden.shape[0]
+    return hidden.new_empty((batch, k)), hidden.new_empty((batch, k), dtype=torch.int64)
+
+
+@torch.library.register_fake("hsoftmax::leaf_rank")
+def _leaf_rank_fake(
+    hidden,
+    weight,
+    bias,
+    child_ptr,
+    children,
+    node_row_ptr,
+    leaf_path_ptr,
+    path_node,
+    path_choice,
+    root,
+    target,
+):
+    return target.new_empty((hidden.shape[0],), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------- dropout
+
+
+def dropout_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """A dropout keep mask shaped like ``x`` (CPU): each element ``1 / (1 - p)`` with
+    probability ``1 - p``, else 0, from a counter-based hash of ``(seed, element index)``, so the
+    mask depends on ``seed`` alone, not on the thread count. Not differentiable."""
+    return torch.ops.hsoftmax.dropout_mask(x, p, seed)
+
+
+@torch.library.register_fake("hsoftmax::dropout_mask")
+def _dropout_mask_fake(self, p, seed):
+    return torch.empty_like(self, memory_format=torch.contiguous_format)

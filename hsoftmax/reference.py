@@ -93,7 +93,8 @@ def path_log_prob(
     target: torch.Tensor,
 ) -> torch.Tensor:
     """(B,) log p(target | hidden) by gathering each example's path rows (B, L, C - 1, D)."""
-    rows, choice, valid = _padded_paths(tree, hidden.device)
+    paths = tree.padded_paths(hidden.device)
+    rows, choice, valid = paths.rows, paths.choice, paths.valid
     if rows.shape[1] == 0:
         return (hidden * 0).sum(1)
     r = rows[target]  # (B, L, C-1), -1 where a node has fewer children or the path ended
@@ -105,34 +106,3 @@ def path_log_prob(
     z = torch.cat([torch.zeros_like(z[..., :1]), z], dim=-1)  # the first child's logit is 0
     logp = torch.log_softmax(z, dim=-1).gather(-1, choice[target].unsqueeze(-1)).squeeze(-1)
     return (logp * valid[target]).sum(-1)
-
-
-_PADDED_CACHE: dict = {}
-
-
-def _padded_paths(tree: Tree, device: torch.device):
-    key = (id(tree), tree.num_nodes, device)
-    hit = _PADDED_CACHE.get(key)
-    if hit is not None and hit[0] is tree:
-        return hit[1]
-    c = tree.compiled("cpu")
-    v = tree.num_leaves
-    depth = (c.leaf_path_ptr[1:] - c.leaf_path_ptr[:-1]).long()
-    max_depth = int(depth.max()) if v else 0
-    node_rows = (c.node_row_ptr[1:] - c.node_row_ptr[:-1]).long()
-    width = int(node_rows.max()) if node_rows.numel() else 0
-    rows = torch.full((v, max_depth, width), -1, dtype=torch.long)
-    choice = torch.zeros((v, max_depth), dtype=torch.long)
-    valid = torch.zeros((v, max_depth))
-    leaf = torch.repeat_interleave(torch.arange(v), depth)
-    step = torch.arange(leaf.numel()) - c.leaf_path_ptr[leaf]
-    node = c.path_node.long()
-    for k in range(width):
-        has = node_rows[node] > k
-        rows[leaf[has], step[has], k] = c.node_row_ptr[node[has]].long() + k
-    choice[leaf, step] = c.path_choice.long()
-    valid[leaf, step] = 1.0
-    out = (rows.to(device), choice.to(device), valid.to(device))
-    _PADDED_CACHE.clear()
-    _PADDED_CACHE[key] = (tree, out)
-    return out

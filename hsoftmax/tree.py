@@ -29,6 +29,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from hsoftmax import _tables
+
 __all__ = ["Tree"]
 
 _FORMAT = "hsoftmax-tree"
@@ -47,8 +49,9 @@ class _Compiled(NamedTuple):
 class Tree:
     """A rooted tree whose leaves ``0 .. V-1`` are the classes of a hierarchical softmax.
 
-    Build one with :meth:`from_parents`, :meth:`balanced` (or the data-driven builders); it is
-    immutable. ``tree.parents`` round-trips any tree through :meth:`from_parents`.
+    Build one with :meth:`from_parents`, :meth:`balanced` or the data-driven builders of
+    :mod:`hsoftmax.trees` (``huffman``, ``from_features``, ``from_cooccurrence``); it is immutable.
+    ``tree.parents`` round-trips any tree through :meth:`from_parents`.
     """
 
     def __init__(self, parents: np.ndarray, num_leaves: int, _validated: bool = False):
@@ -57,6 +60,7 @@ class Tree:
         self._parents = parents
         self._num_leaves = int(num_leaves)
         self._device_cache: dict[torch.device, _Compiled] = {}
+        self._tables: dict = {}  # derived tables (hsoftmax._tables), built on first use
         self._compile()
 
     # ------------------------------------------------------------------ construction
@@ -174,39 +178,6 @@ class Tree:
             level = new_level
         return cls(parents[0], num_leaves, _validated=True)
 
-    # Data-driven builders live in hsoftmax/builders.py; these are their public entry points.
-
-    @classmethod
-    def huffman(cls, counts, arity: int = 2) -> Tree:
-        """Frequency-based k-ary Huffman tree (word2vec/fastText style); see
-        :func:`hsoftmax.builders.huffman`."""
-        from hsoftmax import builders
-
-        return builders.huffman(counts, arity=arity)
-
-    @classmethod
-    def from_features(cls, features, branching=(128,), seed: int = 0, **kwargs) -> Tree:
-        """Hierarchical balanced k-means over per-leaf features; see
-        :func:`hsoftmax.builders.from_features`."""
-        from hsoftmax import builders
-
-        return builders.from_features(features, branching=branching, seed=seed, **kwargs)
-
-    @classmethod
-    def from_cooccurrence(cls, transitions, branching=(150,), seed: int = 0, **kwargs) -> Tree:
-        """Clusters of leaves that follow each other; see
-        :func:`hsoftmax.builders.from_cooccurrence`."""
-        from hsoftmax import builders
-
-        return builders.from_cooccurrence(transitions, branching=branching, seed=seed, **kwargs)
-
-    def stats(self, counts=None) -> dict:
-        """Depth and branching histograms, path lengths and the expected dot products per
-        example; see :func:`hsoftmax.builders.tree_stats`."""
-        from hsoftmax import builders
-
-        return builders.tree_stats(self, counts)
-
     # ------------------------------------------------------------------ properties
 
     @property
@@ -263,15 +234,53 @@ class Tree:
 
     def compiled(self, device: torch.device | str = "cpu") -> _Compiled:
         """The kernel tensors on ``device``, moved once and cached."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _canonical(device)
         cached = self._device_cache.get(device)
         if cached is None:
             cpu = self._device_cache[torch.device("cpu")]
             cached = _Compiled(*(t.to(device) for t in cpu))
             self._device_cache[device] = cached
         return cached
+
+    # Derived tables: built on first use from the compiled form, cached on this (immutable) tree
+    # and shared by every consumer (heads, searches, references).
+
+    def search_tables(self) -> _tables.SearchTables:
+        """The child lists and paths the CPU search kernels take (``hsoftmax.ops.topk_leaves``)."""
+        return self._cached("search", lambda: _tables.SearchTables.build(self))
+
+    def level_tables(self, device: torch.device | str = "cpu") -> _tables.LevelTables:
+        """Level-order edge tables and smoothing buckets: the head's all-leaves computations."""
+        device = _canonical(device)
+        if device.type == "cpu":
+            return self._cached(("level", device), lambda: _tables.LevelTables.build(self, device))
+        cpu = self.level_tables("cpu")
+        return self._cached(("level", device), lambda: _tables.move_level_tables(cpu, device))
+
+    def node_paths(self, device: torch.device | str, dtype: torch.dtype) -> _tables.NodePaths:
+        """(V, L) path nodes and taken rows with coefficients: node-level label smoothing."""
+        device = _canonical(device)
+        key = ("node_paths", device, dtype)
+        return self._cached(key, lambda: _tables.NodePaths.build(self, device, dtype))
+
+    def leaf_paths(self, device: torch.device | str) -> _tables.LeafPaths:
+        """(V, L) columns of the head's node logits along each leaf's path."""
+        device = _canonical(device)
+        buckets = self.level_tables("cpu").smooth
+        return self._cached(
+            ("leaf_paths", device), lambda: _tables.LeafPaths.build(self, buckets, device)
+        )
+
+    def padded_paths(self, device: torch.device | str = "cpu") -> _tables.PaddedPaths:
+        """(V, L, C - 1) padded path rows: the layout of the plain-PyTorch reference."""
+        device = _canonical(device)
+        return self._cached(("padded", device), lambda: _tables.PaddedPaths.build(self, device))
+
+    def _cached(self, key, build):
+        value = self._tables.get(key)
+        if value is None:
+            value = self._tables[key] = build()
+        return value
 
     def __repr__(self) -> str:
         return (
@@ -409,6 +418,13 @@ class Tree:
             path_node=torch.from_numpy(path_node),
             path_choice=torch.from_numpy(path_choice),
         )
+
+
+def _canonical(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _node_depths(parents: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hsoftmax import Tree, builders
+from hsoftmax import Tree, trees
 from hsoftmax.ops import path_log_prob
 
 from conftest import random_tree
@@ -66,7 +66,7 @@ counts_strategy = st.lists(
 @PROPERTY
 @given(counts=counts_strategy, arity=st.integers(2, 6))
 def test_huffman_is_a_valid_tree(counts, arity, tmp_path_factory):
-    tree = Tree.huffman(counts, arity=arity)
+    tree = trees.huffman(counts, arity=arity)
     assert_valid(tree, len(counts), tmp_path_factory.mktemp("h"))
     assert bool((torch.diff(tree.child_ptr) <= arity).all())
 
@@ -84,7 +84,7 @@ def test_from_features_is_a_valid_tree(v, f, branching, duplicates, seed, tmp_pa
     x = rng.normal(size=(v, f))
     if duplicates:  # k-means must cope with identical points
         x = np.round(x)
-    tree = Tree.from_features(x, branching=branching, seed=seed)
+    tree = trees.from_features(x, branching=branching, seed=seed)
     assert_valid(tree, v, tmp_path_factory.mktemp("f"))
     if isinstance(branching, int):
         branching = (branching,)
@@ -101,7 +101,7 @@ def test_from_features_is_a_valid_tree(v, f, branching, duplicates, seed, tmp_pa
 @given(v=st.integers(1, 40), density=st.floats(0, 0.3), seed=st.integers(0, 3))
 def test_from_cooccurrence_is_a_valid_tree(v, density, seed, tmp_path_factory):
     t = sp.random(v, v, density=density, random_state=seed, format="csr") * 10
-    tree = Tree.from_cooccurrence(t, branching=(3,), seed=seed)
+    tree = trees.from_cooccurrence(t, branching=(3,), seed=seed)
     assert_valid(tree, v, tmp_path_factory.mktemp("c"))
 
 
@@ -132,7 +132,7 @@ def count_vectors():
 
 @pytest.mark.parametrize("name,counts", count_vectors().items())
 def test_huffman_within_one_bit_of_entropy(name, counts):
-    stats = Tree.huffman(counts).stats(counts)
+    stats = trees.tree_stats(trees.huffman(counts), counts)
     h = entropy_bits(counts)
     assert h - 1e-9 <= stats["expected_path_length"] < h + 1, (name, stats, h)
     assert stats["entropy_bits"] == pytest.approx(h)
@@ -141,8 +141,8 @@ def test_huffman_within_one_bit_of_entropy(name, counts):
 @pytest.mark.parametrize("arity", [2, 3, 4, 8])
 @pytest.mark.parametrize("name,counts", count_vectors().items())
 def test_huffman_never_worse_than_balanced(name, counts, arity):
-    huff = Tree.huffman(counts, arity=arity).stats(counts)
-    bal = Tree.balanced(len(counts), arity).stats(counts)
+    huff = trees.tree_stats(trees.huffman(counts, arity=arity), counts)
+    bal = trees.tree_stats(Tree.balanced(len(counts), arity), counts)
     assert huff["expected_path_length"] <= bal["expected_path_length"] + 1e-9, name
     # the k-ary entropy bound: H / log2(k) <= expected length < H / log2(k) + 1
     bound = entropy_bits(counts) / math.log2(arity)
@@ -168,23 +168,23 @@ def brute_huffman_cost(counts, arity) -> float:
     arity=st.integers(2, 5),
 )
 def test_huffman_matches_padded_textbook_cost(counts, arity):
-    stats = Tree.huffman(counts, arity=arity).stats(counts)
+    stats = trees.tree_stats(trees.huffman(counts, arity=arity), counts)
     assert stats["expected_path_length"] == pytest.approx(brute_huffman_cost(counts, arity))
 
 
 def test_huffman_edge_cases():
-    assert Tree.huffman([7]).num_nodes == 1
-    assert Tree.huffman([0, 0]).parents.tolist() == [2, 2, -1]
-    assert Tree.huffman([1, 2], arity=5).parents.tolist() == [2, 2, -1]
+    assert trees.huffman([7]).num_nodes == 1
+    assert trees.huffman([0, 0]).parents.tolist() == [2, 2, -1]
+    assert trees.huffman([1, 2], arity=5).parents.tolist() == [2, 2, -1]
     # all zero counts: still a complete (balanced-ish) tree
-    assert Tree.huffman(np.zeros(100)).num_leaves == 100
+    assert trees.huffman(np.zeros(100)).num_leaves == 100
     # ties: (count, creation order), so equal counts pair leaves in id order
-    assert Tree.huffman([1, 1, 1, 1]).parents.tolist() == [4, 4, 5, 5, 6, 6, -1]
+    assert trees.huffman([1, 1, 1, 1]).parents.tolist() == [4, 4, 5, 5, 6, 6, -1]
 
 
 def test_huffman_frequent_leaves_are_shallow():
     counts = np.array([1000, 1, 1, 1, 1, 1, 1, 1])
-    depth = Tree.huffman(counts).leaf_depth
+    depth = trees.huffman(counts).leaf_depth
     assert int(depth[0]) == 1 and int(depth[1:].min()) >= 3
 
 
@@ -194,17 +194,17 @@ def test_huffman_frequent_leaves_are_shallow():
 )
 def test_huffman_rejects_bad_counts(counts, message):
     with pytest.raises(ValueError, match=message):
-        Tree.huffman(counts)
+        trees.huffman(counts)
 
 
 def test_huffman_rejects_bad_arity():
     with pytest.raises(ValueError, match="arity"):
-        Tree.huffman([1, 2, 3], arity=1)
+        trees.huffman([1, 2, 3], arity=1)
 
 
 def test_huffman_is_deterministic_and_fast_at_diy_size():
     counts = np.random.default_rng(1).zipf(1.3, 15_584)
-    assert Tree.huffman(counts) == Tree.huffman(counts.copy())
+    assert trees.huffman(counts) == trees.huffman(counts.copy())
 
 
 # ---------------------------------------------------------------------------------- k-means
@@ -228,7 +228,7 @@ def purity(tree: Tree, label: np.ndarray) -> float:
 
 def test_from_features_recovers_clear_clusters():
     x, label = clustered_points()
-    tree = Tree.from_features(x, branching=(8,), seed=0)
+    tree = trees.from_features(x, branching=(8,), seed=0)
     assert purity(tree, label) == 1.0
     # and each ground-truth cluster sits under a single parent
     parent = tree.parents.numpy()[: label.size]
@@ -238,7 +238,7 @@ def test_from_features_recovers_clear_clusters():
 
 def test_from_features_binary_separates_clusters():
     x, label = clustered_points(num_clusters=4, per_cluster=16)
-    tree = Tree.from_features(x, branching="binary", seed=0)
+    tree = trees.from_features(x, branching="binary", seed=0)
     parents = tree.parents.numpy()
     # the subtree of each cluster: the lowest common ancestor of its leaves holds only that cluster
     below = {}
@@ -261,12 +261,12 @@ def test_from_features_latlon_projects_to_km():
     rng = np.random.default_rng(0)
     lat = np.concatenate([np.full(40, 81.0), np.full(40, 81.5)]) + rng.normal(0, 1e-3, 80)
     lon = np.tile(np.repeat([10.0, 11.0], 20), 2) + rng.normal(0, 1e-3, 80)
-    tree = Tree.from_features(np.stack([lat, lon], 1), branching=(2,), seed=0, coords="latlon")
+    tree = trees.from_features(np.stack([lat, lon], 1), branching=(2,), seed=0, coords="latlon")
     parent = tree.parents.numpy()[:80]
     assert np.unique(parent[:40]).size == 1 and np.unique(parent[40:]).size == 1
     assert parent[0] != parent[40]
     # across the antimeridian the two sides are neighbours
-    km = builders.latlon_to_km([0.0, 0.0], [179.9, -179.9])
+    km = trees.latlon_to_km([0.0, 0.0], [179.9, -179.9])
     assert np.linalg.norm(km[0] - km[1]) == pytest.approx(22.2, abs=0.2)
 
 
@@ -274,33 +274,33 @@ def test_from_features_balance_limits_children():
     # one huge dense blob and a few small ones: k-means would make a giant cluster
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 0.01, (900, 2)), rng.normal(100, 1, (100, 2))])
-    tree = Tree.from_features(x, branching=(10,), seed=0, max_children=150)
+    tree = trees.from_features(x, branching=(10,), seed=0, max_children=150)
     children = torch.diff(tree.child_ptr)
     assert int(children[1:].max()) <= 150
-    default = Tree.from_features(x, branching=(10,), seed=0)
+    default = trees.from_features(x, branching=(10,), seed=0)
     assert int(torch.diff(default.child_ptr)[1:].max()) <= 4 * 100
 
 
 def test_from_features_binary_depth_is_bounded():
     # a few far outliers would give 2-means splits of 1 vs n-1 and a path of length ~n
     x = np.concatenate([np.zeros((500, 2)), np.arange(1, 31)[:, None] * [1e6, 0]])
-    tree = Tree.from_features(x, branching="binary", seed=0, max_fraction=0.75)
+    tree = trees.from_features(x, branching="binary", seed=0, max_fraction=0.75)
     assert tree.depth <= math.ceil(math.log(530) / math.log(1 / 0.75)) + 1
 
 
 @pytest.mark.parametrize("branching", [(16,), "binary", (4, 4)])
 def test_from_features_is_deterministic(branching):
     x = np.random.default_rng(3).normal(size=(300, 3))
-    a = Tree.from_features(x, branching=branching, seed=5)
-    b = Tree.from_features(x.copy(), branching=branching, seed=5)
+    a = trees.from_features(x, branching=branching, seed=5)
+    b = trees.from_features(x.copy(), branching=branching, seed=5)
     assert a == b
 
 
 def test_from_features_branching_shapes():
     x = np.random.default_rng(0).normal(size=(1000, 2))
-    flat = Tree.from_features(x, branching=(), seed=0)
+    flat = trees.from_features(x, branching=(), seed=0)
     assert flat.depth == 1
-    two = Tree.from_features(x, branching=(4, 4), seed=0)
+    two = trees.from_features(x, branching=(4, 4), seed=0)
     assert two.depth == 3
     assert len(two.children(1000)) >= 4
 
@@ -321,7 +321,7 @@ def test_from_features_branching_shapes():
 def test_from_features_rejects_bad_input(kwargs, error, message):
     args = {"features": np.zeros((5, 2))} | kwargs
     with pytest.raises(error, match=message):
-        builders.from_features(**args)
+        trees.from_features(**args)
 
 
 # ---------------------------------------------------------------------------- co-occurrence
@@ -342,7 +342,7 @@ def block_transitions(num_blocks=6, size=20, within=0.95, moves=6000, isolated=0
 
 def test_from_cooccurrence_recovers_blocks():
     t, label = block_transitions()
-    tree = Tree.from_cooccurrence(t, branching=(6,), seed=0)
+    tree = trees.from_cooccurrence(t, branching=(6,), seed=0)
     parent = tree.parents.numpy()[: label.size]
     for b in range(6):
         assert np.unique(parent[label == b]).size == 1, f"block {b} is split"
@@ -351,24 +351,24 @@ def test_from_cooccurrence_recovers_blocks():
 
 def test_from_cooccurrence_places_isolated_leaves_and_accepts_dense():
     t, label = block_transitions(num_blocks=4, size=10, moves=2000, isolated=7)
-    tree = Tree.from_cooccurrence(t.toarray(), branching=(4,), seed=0)
+    tree = trees.from_cooccurrence(t.toarray(), branching=(4,), seed=0)
     assert tree.num_leaves == 47
     assert bool((tree.leaf_depth > 0).all())
-    assert Tree.from_cooccurrence(t, branching=(4,), seed=0) == tree
+    assert trees.from_cooccurrence(t, branching=(4,), seed=0) == tree
 
 
 def test_from_cooccurrence_is_deterministic():
     t, _ = block_transitions(seed=2)
-    assert Tree.from_cooccurrence(t, seed=1, branching="binary") == Tree.from_cooccurrence(
+    assert trees.from_cooccurrence(t, seed=1, branching="binary") == trees.from_cooccurrence(
         t, seed=1, branching="binary"
     )
 
 
 def test_from_cooccurrence_rejects_bad_input():
     with pytest.raises(ValueError, match="square"):
-        Tree.from_cooccurrence(np.ones((3, 4)))
+        trees.from_cooccurrence(np.ones((3, 4)))
     with pytest.raises(ValueError, match=">= 0"):
-        Tree.from_cooccurrence(-np.ones((3, 3)))
+        trees.from_cooccurrence(-np.ones((3, 3)))
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -408,7 +408,7 @@ def test_tree_stats_match_brute_force(seed):
     tree = random_tree(30 + seed, seed, max_children=6)
     counts = np.random.default_rng(seed).integers(0, 20, tree.num_leaves)
     counts[0] += 1
-    stats = tree.stats(counts)
+    stats = trees.tree_stats(tree, counts)
     for key, value in brute_stats(tree, counts).items():
         assert stats[key] == pytest.approx(value), key
     assert stats["num_leaves"] == tree.num_leaves and stats["depth"] == tree.depth
@@ -418,18 +418,18 @@ def test_tree_stats_match_brute_force(seed):
 
 def test_tree_stats_dot_products_differ_from_path_length():
     tree = Tree.balanced(15_584, 128)
-    stats = builders.tree_stats(tree)
+    stats = trees.tree_stats(tree)
     assert stats["mean_path_length"] == 2.0
     assert stats["mean_dot_products"] > 200  # a 128-way node costs 127 dot products
-    single = Tree.from_parents([-1]).stats([3])
+    single = trees.tree_stats(Tree.from_parents([-1]), [3])
     assert single["mean_dot_products"] == 0 and single["entropy_bits"] == 0
 
 
 def test_tree_stats_rejects_bad_counts():
     with pytest.raises(ValueError, match="length V = 4"):
-        Tree.balanced(4).stats([1, 2])
+        trees.tree_stats(Tree.balanced(4), [1, 2])
     with pytest.raises(ValueError, match="all zero"):
-        Tree.balanced(4).stats([0, 0, 0, 0])
+        trees.tree_stats(Tree.balanced(4), [0, 0, 0, 0])
 
 
 # ------------------------------------------------------------------------------ re-treeing
@@ -441,7 +441,7 @@ def test_bias_from_log_prob_reproduces_the_distribution(seed):
     rng = np.random.default_rng(seed)
     log_prob = torch.from_numpy(np.log(rng.dirichlet(np.ones(25))))
     log_prob[3] = -math.inf  # a leaf with no mass still gets finite logits
-    bias = builders.bias_from_log_prob(tree, log_prob)
+    bias = trees.bias_from_log_prob(tree, log_prob)
     assert torch.isfinite(bias).all()
     weight = torch.zeros(24, 4, dtype=torch.float64)
     hidden = torch.randn(25, 4, dtype=torch.float64)
@@ -454,12 +454,12 @@ def test_bias_from_log_prob_reproduces_the_distribution(seed):
 
 def test_retree_weights_start_from_the_old_marginal():
     old = random_tree(40, 0)
-    new = Tree.huffman(np.arange(40) + 1)
+    new = trees.huffman(np.arange(40) + 1)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(39, 6, generator=g, dtype=torch.float64)
     b = torch.randn(39, generator=g, dtype=torch.float64)
     hidden = torch.randn(300, 6, generator=g, dtype=torch.float64)
-    weight, bias = builders.retree_weights(old, w, b, new, hidden)
+    weight, bias = trees.retree_weights(old, w, b, new, hidden)
     assert weight.shape == (39, 6) and not weight.any()
     old_lp = path_log_prob(
         hidden.repeat_interleave(40, 0), w, b, old, torch.arange(40).repeat(300)
@@ -468,7 +468,7 @@ def test_retree_weights_start_from_the_old_marginal():
     new_lp = path_log_prob(hidden[:40], weight, bias, new, torch.arange(40))
     torch.testing.assert_close(new_lp, marginal)
     with pytest.raises(ValueError, match="leaves"):
-        builders.retree_weights(old, w, b, Tree.balanced(41), hidden)
+        trees.retree_weights(old, w, b, Tree.balanced(41), hidden)
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -500,7 +500,7 @@ def inputs(tmp_path):
     ],
 )
 def test_cli_build_writes_tree_and_prints_stats(inputs, args, capsys):
-    from hsoftmax.tree_cli import main
+    from hsoftmax.cli.tree import main
 
     out = inputs / "t.hst"
     argv = ["build", *(a.format(d=inputs) for a in args), "--out", str(out), "--no-progress"]
@@ -516,7 +516,7 @@ def test_cli_build_writes_tree_and_prints_stats(inputs, args, capsys):
 def test_cli_stats_json(inputs, capsys):
     import json
 
-    from hsoftmax.tree_cli import main
+    from hsoftmax.cli.tree import main
 
     Tree.balanced(60, 4).save(inputs / "b.hst")
     assert main(["stats", str(inputs / "b.hst"), "--json"]) == 0
@@ -537,7 +537,7 @@ def test_cli_stats_json(inputs, capsys):
     ],
 )
 def test_cli_errors_name_the_file(inputs, argv, message, capsys):
-    from hsoftmax.tree_cli import main
+    from hsoftmax.cli.tree import main
 
     Tree.balanced(10).save(inputs / "good.hst")
     (inputs / "trunc.hst").write_bytes((inputs / "good.hst").read_bytes()[:50])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hsoftmax.data.baselines import evaluate_rankings, predict, run_baselines
+from hsoftmax.data.baselines import predict, run_baselines
 from hsoftmax.data.samples import SampleSet
+from hsoftmax.metrics import metrics_from_lists
 
 
 def _set(rows):
@@ -62,7 +63,7 @@ def test_markov_user_then_global_then_popularity():
     assert p[0][2] == 5  # then the global successors of 2 (5 from user 2)
     assert p[1][0] == 2
     assert p[2][:4].tolist() == [2, 4, 5, 3]
-    m = evaluate_rankings(p, test.y)
+    m = metrics_from_lists(p, test.y)
     assert m["acc@1"] == pytest.approx(100 * 2 / 3)
     assert m["mrr"] == pytest.approx(100 * (1 + 1 + 1 / 3) / 3)
     assert m["acc@5"] == pytest.approx(100.0)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hsoftmax import DenseSoftmax, HierarchicalSoftmax, Tree, _search_ops, reference
-from hsoftmax.nn import _Head, rank_by_id, topk_by_id
+from hsoftmax import DenseSoftmax, HierarchicalSoftmax, Tree, ops, reference
+from hsoftmax.nn import Head, rank_by_id, topk_by_id
 
 from conftest import device_params, node_smoothing_reference, random_tree
 
@@ -182,13 +182,13 @@ def test_dense_fallback_topk_rank_exact(tree_name):
     hidden[1] = 0.0  # every node uniform (no bias): many exact ties
     lp = oracle_log_prob_all(head, hidden)
     for k in {1, min(10, tree.num_leaves), tree.num_leaves}:  # _topk takes k <= V (topk clamps)
-        values, indices = _Head._topk(head, hidden, k)
+        values, indices = Head._topk(head, hidden, k)
         ref_values, ref_indices = brute_topk(head.log_prob_all(hidden), k)
         assert torch.equal(indices, ref_indices)
         torch.testing.assert_close(values, lp.gather(1, indices), rtol=0, atol=1e-12)
-    rank = _Head._rank(head, hidden, target)
+    rank = Head._rank(head, hidden, target)
     assert torch.equal(rank, brute_rank(head.log_prob_all(hidden), target))
-    full = _Head._topk(head, hidden, tree.num_leaves)[1]
+    full = Head._topk(head, hidden, tree.num_leaves)[1]
     assert torch.equal(full.gather(1, (rank - 1)[:, None])[:, 0], target)
     assert torch.equal(head.rank(hidden, target), brute_rank(lp, target))  # the C++ search
 
@@ -558,7 +558,6 @@ def test_no_bias_and_repr():
     assert DenseSoftmax(6, 9, bias=False).bias is None
 
 
-@pytest.mark.skipif(not hasattr(Tree, "huffman"), reason="Tree.huffman is not implemented yet")
 def test_from_counts():
     counts = np.array([50, 1, 7, 7, 300, 2, 9])
     head = HierarchicalSoftmax.from_counts(4, counts, arity=2)
@@ -567,9 +566,6 @@ def test_from_counts():
     assert depth[4] <= depth[1]  # the most frequent class has the shortest path
 
 
-@pytest.mark.skipif(
-    not hasattr(Tree, "from_features"), reason="Tree.from_features is not implemented yet"
-)
 def test_from_features():
     features = np.random.default_rng(0).normal(size=(40, 3))
     head = HierarchicalSoftmax.from_features(4, features, branching=4, seed=0)
@@ -620,12 +616,11 @@ def test_constructor_errors():
 
 def test_kernels_check_their_arguments():
     head = hs_head(Tree.balanced(8), 3, seed=30)
-    st = head._search_tree()
     hidden = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"k must be in \[1, V=8\]"):
-        _search_ops.topk_leaves(hidden, head.weight.detach(), None, st, 9)
+        ops.topk_leaves(hidden, head.weight.detach(), None, head.tree, 9)
     with pytest.raises(IndexError, match=r"target\[1\] = 8 is out of range"):
-        _search_ops.leaf_rank(hidden, head.weight.detach(), None, st, torch.tensor([0, 8]))
+        ops.leaf_rank(hidden, head.weight.detach(), None, head.tree, torch.tensor([0, 8]))
 
 
 # ---------------------------------------------------------------------------- registration
@@ -633,7 +628,7 @@ def test_kernels_check_their_arguments():
 
 def test_opcheck_search_ops():
     head = hs_head(get_tree("V300-shuffled"), 6, seed=31)
-    st = head._search_tree()
+    st = head.tree.search_tables()
     hidden, target = inputs(head, batch=5, seed=32)
     w, b = head.weight.detach(), head.bias.detach()
     tree_args = (st.child_ptr, st.children, st.node_row_ptr)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from hsoftmax.models.layers import Dropout, EncoderLayer, dropout, encode_packed, self_attention
+from hsoftmax.models.layers import EncoderLayer, encode_packed, self_attention
+from hsoftmax.nn import Dropout, dropout
 
 
 def _mask(shape, p, seed, dtype=torch.float32):

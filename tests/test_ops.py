@@ -572,8 +572,24 @@ def test_direct_op_refuses_malformed_tree_arrays(good):
         )
 
 
+def _raw_topk(hidden, weight, bias, st, k):
+    # the kernel itself, fed tables a Tree would never produce
+    args = (st.child_ptr, st.children, st.node_row_ptr, st.root, k)
+    return torch.ops.hsoftmax.topk_leaves(hidden, weight, bias, *args)
+
+
+def _raw_rank(hidden, weight, bias, st, target):
+    tables = (st.child_ptr, st.children, st.node_row_ptr, st.leaf_path_ptr, st.path_node)
+    return torch.ops.hsoftmax.leaf_rank(
+        hidden, weight, bias, *tables, st.path_choice, st.root, target
+    )
+
+
 def test_search_ops_refuse_malformed_child_lists():
-    from hsoftmax._search_ops import leaf_rank, search_tree, topk_leaves
+    topk_leaves, leaf_rank = _raw_topk, _raw_rank
+
+    def search_tree(tree):
+        return tree.search_tables()
 
     tree = Tree.balanced(16, 2)
     st_ = search_tree(tree)

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from hsoftmax.metrics import metrics_from_lists
+
 from .samples import SampleSet
 
-__all__ = ["BASELINES", "TOP_K", "evaluate_rankings", "predict", "run_baselines"]
+__all__ = ["BASELINES", "TOP_K", "predict", "run_baselines"]
 
 TOP_K = 100
 _CONTEXT_MIN = 3  # a context seen fewer times in training backs off to the plain Markov chain
 BASELINES = ("most_frequent", "markov", "history_frequency", "context_markov")
-MAIN_BASELINES = ("most_frequent", "markov")
 
 
 class _CountTable:
@@ -123,24 +124,6 @@ def predict(name: str, train: SampleSet, test: SampleSet, n_locations: int) -> l
     return preds
 
 
-def evaluate_rankings(preds: list[np.ndarray], y: np.ndarray) -> dict[str, float]:
-    """Acc@1/5/10 and MRR (in %, MRR over the top-:data:`TOP_K` lists) of ranked predictions."""
-    rank = np.zeros(len(y), dtype=np.int64)  # 1-based; 0 = not in the list
-    for i, (p, t) in enumerate(zip(preds, y, strict=True)):
-        hit = np.nonzero(p == t)[0]
-        if len(hit):
-            rank[i] = hit[0] + 1
-    n = max(len(y), 1)
-    rr = np.where(rank > 0, 1.0 / np.maximum(rank, 1), 0.0)
-    return {
-        "acc@1": 100.0 * np.sum((rank >= 1) & (rank <= 1)) / n,
-        "acc@5": 100.0 * np.sum((rank >= 1) & (rank <= 5)) / n,
-        "acc@10": 100.0 * np.sum((rank >= 1) & (rank <= 10)) / n,
-        "mrr": 100.0 * rr.sum() / n,
-        "n": int(len(y)),
-    }
-
-
 def run_baselines(
     train: SampleSet,
     test: SampleSet,
@@ -152,5 +135,5 @@ def run_baselines(
     Returns ``{name: {"acc@1", "acc@5", "acc@10", "mrr", "n"}}`` with metrics in %.
     """
     return {
-        name: evaluate_rankings(predict(name, train, test, n_locations), test.y) for name in names
+        name: metrics_from_lists(predict(name, train, test, n_locations), test.y) for name in names
     }

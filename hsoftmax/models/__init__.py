@@ -29,12 +29,11 @@ from .history import (
     masked_logsumexp,
 )
 from .history_centric import HistoryCentricModel, HistoryEncoder
-from .layers import Dropout, EncoderLayer, dropout, encode_packed
+from .layers import EncoderLayer, encode_packed
 
 __all__ = [
     "HEADS",
     "HISTORY_KINDS",
-    "Dropout",
     "EncoderLayer",
     "MODEL_DEFAULTS",
     "TREES",
@@ -51,7 +50,6 @@ __all__ = [
     "build_model",
     "build_tree",
     "check_budget",
-    "dropout",
     "encode_packed",
     "masked_logsumexp",
     "parameter_report",

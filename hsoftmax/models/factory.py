@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
+from hsoftmax import trees
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
 from hsoftmax.tree import Tree
 
@@ -97,9 +98,9 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
     """The tree over the ``data.n_locations`` classes.
 
     * ``balanced``: :meth:`Tree.balanced` (consecutive ids grouped; ``arity`` 2 = binary);
-    * ``kmeans``: :meth:`Tree.from_features` on the locations' lat/lon (projected to km),
+    * ``kmeans``: :func:`hsoftmax.trees.from_features` on the locations' lat/lon (projected to km),
       ``branching`` clusters per level (128: root -> 128 clusters -> locations);
-    * ``huffman``: :meth:`Tree.huffman` on the training targets' counts.
+    * ``huffman``: :func:`hsoftmax.trees.huffman` on the training targets' counts.
     """
     v = data.n_locations
     if method == "balanced":
@@ -107,12 +108,12 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
     if method == "kmeans":
         if isinstance(branching, list):
             branching = tuple(branching)
-        return Tree.from_features(
+        return trees.from_features(
             _location_coords(data), branching=branching, seed=seed, coords="latlon"
         )
     if method == "huffman":
         counts = np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v)
-        return Tree.huffman(counts, arity)
+        return trees.huffman(counts, arity)
     raise ValueError(f"model.tree must be one of {TREES}, got {method!r}")
 
 

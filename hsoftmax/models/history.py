@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hsoftmax.nn import (
-    DenseSoftmax,
-    HierarchicalSoftmax,
+    check_k,
+    check_label_smoothing,
+    check_reduction,
     check_smoothing_mode,
     rank_by_id,
     topk_by_id,
@@ -198,38 +198,11 @@ class PointerScorer(nn.Module):
         return _window_from_position_logits(loc, valid, logits)
 
 
-def _head_log_prob_many(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(B, K) ``log p_head(ids[b, k] | hidden[b])``, differentiable.
-
-    A dense head scores all V classes once per row and gathers; other heads (the tree) evaluate
-    each (row, id) pair along its path, which costs O(K * depth * D) per row instead of O(V * D).
-    """
-    if isinstance(head, DenseSoftmax):
-        return head.log_prob_all(hidden).gather(1, ids)
-    batch, k = ids.shape
-    flat = head.log_prob(hidden.repeat_interleave(k, dim=0), ids.reshape(-1))
-    return flat.view(batch, k)
-
-
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    check_reduction(reduction)
     if reduction == "none":
         return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
-def _check_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-
-
-def _check_k(k: int) -> None:
-    # the heads' rule: a Python or NumPy integer, not a bool
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    return loss.sum() if reduction == "sum" else loss.mean()
 
 
 class HeadOnly(nn.Module):
@@ -367,11 +340,11 @@ class HistoryMixture(nn.Module):
     def forward(self, hidden, window: Window, target, reduction="mean", label_smoothing=0.0):
         """Negative log-likelihood of ``target`` under the mixture; ``label_smoothing`` eps gives
         ``(1 - eps) * nll + eps * term``, the term set by ``self.smoothing`` (class docstring)."""
-        _check_smoothing(label_smoothing)
+        check_label_smoothing(label_smoothing)
         log_g, log_1mg = self.log_gates(hidden, window)
         if label_smoothing == 0 or self.smoothing == "nodes":  # one path of the head
             if label_smoothing == 0:
-                log_head = _head_log_prob_many(self.head, hidden, target[:, None])
+                log_head = self.head.log_prob_many(hidden, target[:, None])
             else:
                 nll_head, smooth = self.head.nll_and_smoothing(hidden, target, "nodes")
                 log_head = -nll_head[:, None]
@@ -400,7 +373,7 @@ class HistoryMixture(nn.Module):
     def log_prob(self, hidden, window: Window, target) -> torch.Tensor:
         """(B,) ``log p(target)`` under the mixture, differentiable."""
         log_g, log_1mg = self.log_gates(hidden, window)
-        log_head = _head_log_prob_many(self.head, hidden, target[:, None])
+        log_head = self.head.log_prob_many(hidden, target[:, None])
         return self._mix(log_g, log_1mg, window.log_p_of(target[:, None]), log_head)[:, 0]
 
     def log_prob_all(self, hidden, window: Window) -> torch.Tensor:
@@ -418,14 +391,14 @@ class HistoryMixture(nn.Module):
         """The head's log-probs of all classes with the bits its own ``topk``/``rank`` order by,
         or None for a tree head on the CPU, whose per-class values (``log_prob``), top-k and
         rank already share their bits and need no O(V) pass."""
-        if isinstance(self.head, HierarchicalSoftmax) and hidden.device.type == "cpu":
+        if self.head.ranks_by_log_prob(hidden.device):
             return None
         return self.head.ranking_log_prob_all(hidden)
 
     def _head_values(self, hidden, ids, lp_all) -> torch.Tensor:
         """(B, K) the head's log-probs of ``ids`` from the source ``_head_ranking`` chose."""
         if lp_all is None:
-            return _head_log_prob_many(self.head, hidden, ids)
+            return self.head.log_prob_many(hidden, ids)
         return lp_all.gather(1, ids)
 
     @torch.no_grad()
@@ -433,7 +406,7 @@ class HistoryMixture(nn.Module):
         """Exact top-k of the mixture: (values (B, k'), indices (B, k')), k' = min(k, V),
         by log-prob descending, then the head's log-prob descending, then id ascending (see
         the class docstring for the proof)."""
-        _check_k(k)
+        check_k(k)
         v = self.num_classes
         k = min(int(k), v)
         m = int(window.num_distinct.max()) if window.loc.numel() else 0
@@ -579,7 +552,7 @@ class HistoryLogitAdd(nn.Module):
 
     def __init__(self, head: nn.Module, scorer: HistoryScorer | None = None):
         super().__init__()
-        if not isinstance(head, DenseSoftmax):
+        if not getattr(head, "is_flat", False):
             raise ValueError(
                 "history 'logit_add' needs the dense head (it adds scores to all V logits); use "
                 f"history 'mixture' with {type(head).__name__}"
@@ -600,7 +573,7 @@ class HistoryLogitAdd(nn.Module):
         return base + bonus
 
     def forward(self, hidden, window, target, reduction="mean", label_smoothing=0.0):
-        _check_smoothing(label_smoothing)
+        check_label_smoothing(label_smoothing)
         return F.cross_entropy(
             self.logits(hidden, window),
             target,
@@ -616,7 +589,7 @@ class HistoryLogitAdd(nn.Module):
 
     @torch.no_grad()
     def topk(self, hidden, window, k):
-        _check_k(k)
+        check_k(k)
         return topk_by_id(self.log_prob_all(hidden, window), min(k, self.num_classes))
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hsoftmax.data.dataset import N_DURATIONS, N_TIME_SLOTS, N_WEEKDAYS
-from hsoftmax.nn import check_smoothing_mode
+from hsoftmax.nn import Dropout, check_smoothing_mode
 
 from .history import (
     HISTORY_KINDS,
@@ -27,7 +27,7 @@ from .history import (
     PointerScorer,
     Window,
 )
-from .layers import Dropout, EncoderLayer, encode_packed
+from .layers import EncoderLayer, encode_packed
 
 __all__ = ["HistoryCentricModel", "HistoryEncoder"]
 
@@ -223,11 +223,20 @@ class HistoryCentricModel(nn.Module):
         return self.output.rank(hidden, window, batch["y"])
 
     @torch.no_grad()
+    def loss_and_nll(self, batch, label_smoothing: float = 0.0):
+        """One encoder pass: ``(loss_sum, nll_sum)`` over the batch (the label-smoothed loss
+        and the plain negative log-likelihood of ``batch["y"]``)."""
+        hidden, window = self.hidden_and_window(batch)
+        return self._loss_and_nll(hidden, window, batch["y"], label_smoothing)
+
+    def _loss_and_nll(self, hidden, window, y, label_smoothing):
+        loss = self.output(hidden, window, y, reduction="sum", label_smoothing=label_smoothing)
+        return loss, -self.output.log_prob(hidden, window, y).sum()
+
     def evaluate_batch(self, batch, k: int = 10, label_smoothing: float = 0.0):
         """One encoder pass: ``(loss_sum, nll_sum, topk indices (B, k'), ranks (B,))``."""
         hidden, window = self.hidden_and_window(batch)
         y = batch["y"]
-        loss = self.output(hidden, window, y, reduction="sum", label_smoothing=label_smoothing)
-        nll = -self.output.log_prob(hidden, window, y).sum()
+        loss, nll = self._loss_and_nll(hidden, window, y, label_smoothing)
         _, top = self.output.topk(hidden, window, k)
         return loss, nll, top, self.output.rank(hidden, window, y)

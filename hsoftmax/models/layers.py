@@ -1,14 +1,6 @@
-"""Dropout and a transformer encoder layer that train faster on CPU.
+"""A transformer encoder layer that trains faster on CPU.
 
-torch's CPU dropout draws each element from one sequential Mersenne-Twister stream
-(``bernoulli_``, ~15 ns an element): in ``HistoryCentricModel``'s training step, 17 dropouts took a
-third of the step time. :func:`dropout` draws its keep mask with ``torch.ops.hsoftmax.dropout_mask``
-instead, a counter-based hash of (seed, element index) computed in parallel, with the seed drawn
-from torch's global generator, so ``torch.manual_seed`` still fixes every mask and a checkpointed
-generator state resumes the same masks. Elsewhere (CUDA, or no compiled extension) it is
-``F.dropout``. The distribution is the same (each element kept independently with probability
-``1 - p``, within 2^-24, and scaled by ``1 / (1 - p)``); the random numbers are not, so a model
-trained with one dropout does not reproduce bit for bit with the other.
+Its dropouts use :func:`hsoftmax.nn.dropout`, the fast counter-based CPU mask.
 
 :class:`EncoderLayer` is ``nn.TransformerEncoderLayer`` (same parameters and state_dict keys)
 whose dropouts, attention-weight dropout included, go through :func:`dropout`, and
@@ -25,39 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsoftmax import _build  # noqa: F401  (loads the library and checks its torch version)
+from hsoftmax.nn import Dropout, dropout
 
-__all__ = ["Dropout", "EncoderLayer", "dropout", "encode_packed"]
-
-_SEED_HIGH = 2**62
-
-
-@torch.library.register_fake("hsoftmax::dropout_mask")
-def _dropout_mask_fake(self, p, seed):
-    return torch.empty_like(self, memory_format=torch.contiguous_format)
-
-
-def _fast_available(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu"
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)`` with the fast CPU mask described in the module docstring."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if not training or p == 0.0:
-        return x
-    if p == 1.0 or not _fast_available(x):
-        return F.dropout(x, p, training)
-    seed = int(torch.randint(_SEED_HIGH, (1,)).item())
-    return x * torch.ops.hsoftmax.dropout_mask(x.detach(), p, seed)
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` through :func:`dropout` (no parameters: swaps in for ``nn.Dropout``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+__all__ = ["EncoderLayer", "encode_packed"]
 
 
 class EncoderLayer(nn.TransformerEncoderLayer):
@@ -78,7 +40,7 @@ class EncoderLayer(nn.TransformerEncoderLayer):
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
         attn = self.self_attn
-        if not (self.training and attn.dropout > 0 and _fast_available(x) and attn.batch_first):
+        if not (self.training and attn.dropout > 0 and x.device.type == "cpu" and attn.batch_first):
             return super()._sa_block(x, attn_mask, key_padding_mask, is_causal=is_causal)
         return self.dropout1(self_attention(x, attn, attn_mask, key_padding_mask, attn.dropout))
 

@@ -1,6 +1,12 @@
-"""Training: config loading, the trainer (single process or DDP), checkpoints.
+"""Training: config, the loop (single process or DDP), evaluation, checkpoints, run directories.
 
-``hsoftmax train`` / ``hsoftmax evaluate`` (:mod:`hsoftmax.train_cli`) are thin wrappers around
+* :mod:`~hsoftmax.training.config`: OmegaConf structured config, ``--set`` overrides;
+* :mod:`~hsoftmax.training.loop`: :func:`train`;
+* :mod:`~hsoftmax.training.evaluate`: :func:`evaluate_model`, :func:`evaluate_run`;
+* :mod:`~hsoftmax.training.rundir`, :mod:`~hsoftmax.training.checkpoint`,
+  :mod:`~hsoftmax.training.distributed`.
+
+``hsoftmax train`` / ``hsoftmax evaluate`` (:mod:`hsoftmax.cli`) are thin wrappers around
 :func:`train` and :func:`evaluate_run`.
 """
 
@@ -13,16 +19,9 @@ from .config import (
     load_config,
     packaged_config_path,
 )
-from .trainer import (
-    RunResult,
-    epoch_batches,
-    evaluate_model,
-    evaluate_run,
-    load_data,
-    make_optimizer,
-    train,
-    train_step,
-)
+from .data import load_data
+from .evaluate import evaluate_model, evaluate_run
+from .loop import RunResult, epoch_batches, improves, make_optimizer, train, train_step
 
 __all__ = [
     "DEFAULTS",
@@ -35,6 +34,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_run",
     "get_rng_state",
+    "improves",
     "load_checkpoint",
     "load_config",
     "load_data",

@@ -1,95 +1,118 @@
-"""Training configuration: nested dicts from YAML, with defaults and ``key=value`` overrides.
+"""Training configuration: an OmegaConf structured config with ``section.key=value`` overrides.
 
-A config has the sections ``data``, ``model``, ``train``, ``output`` and a top-level ``name``;
-:data:`DEFAULTS` lists every key. A YAML file (or one of the packaged configs ``demo``, ``diy``,
-``geolife``, shipped inside the package so they work after ``pip install``) overrides the
-defaults, and ``--set section.key=value`` overrides the file. Unknown keys are errors that name
-the key, so a typo never silently trains the wrong model.
+A config has the sections ``data``, ``model``, ``train``, ``output`` and a top-level ``name``; the
+dataclasses below list every key with its type and default. A YAML file (or one of the packaged
+configs ``demo``, ``diy``, ``geolife``, shipped inside the package so they work after
+``pip install``) overrides the defaults, and ``--set section.key=value`` overrides the file.
+OmegaConf checks keys and types: an unknown key is an error that names it and lists the known
+ones, so a typo never silently trains the wrong model. Ranges and choices are checked here.
+
+The rest of the package sees a plain nested ``dict`` (:func:`load_config` returns one).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from hsoftmax.models.factory import ENCODER_SIZE_KEYS, MODEL_DEFAULTS
+from hsoftmax.models import HEADS, HISTORY_KINDS, MODEL_DEFAULTS, TREES
 from hsoftmax.nn import SMOOTHING_MODES
 
 __all__ = [
     "DEFAULTS",
-    "RESUMABLE_KEYS",
     "PACKAGED_CONFIGS",
+    "RESUMABLE_KEYS",
+    "Config",
     "ConfigError",
     "apply_overrides",
     "check_resume",
     "config_diff",
     "load_config",
-    "merge",
     "packaged_config_path",
     "resume_config",
 ]
 
 PACKAGED_CONFIGS = ("demo", "diy", "geolife")
 
-DEFAULTS: dict = {
-    "name": "run",
-    "data": {
-        "preset": "diy",  # synthetic preset (diy | geolife | small), used when path is null
-        "seed": 0,  # generator seed of the preset
-        "path": None,  # a directory of MHSA pickles (*train*.pk, *valid*.pk, *test*.pk) or
-        #                staypoints.csv (+ optional locations.csv)
-        "cache_dir": None,  # preset cache (default ~/.cache/hsoftmax/data or $HSOFTMAX_CACHE)
-        "max_len": None,  # keep only the most recent max_len history stays
-    },
-    "model": dict(MODEL_DEFAULTS),
-    "train": {
-        "epochs": 100,
-        "batch_size": 256,  # global batch: divided over the DDP processes
-        "eval_batch_size": 512,
-        "lr": 1e-3,
-        "weight_decay": 1e-6,
-        "label_smoothing": 0.05,
-        "grad_clip": 1.0,  # max gradient norm (null: no clipping)
-        "lr_patience": 2,  # ReduceLROnPlateau on the validation loss
-        "lr_factor": 0.5,
-        "min_lr": 1e-6,
-        "early_stopping_patience": 5,  # epochs without validation-loss improvement
-        "seed": 0,
-        "device": "cpu",  # cpu | cuda | cuda:N
-        "num_threads": None,  # torch.set_num_threads (null: torch's default)
-        "max_steps_per_epoch": None,  # cut epochs short (smoke tests, demos)
-        "val_metrics": True,  # also compute Acc@k/MRR on validation every epoch
-        "param_budget": 3_000_000,  # refuse a larger model ...
-        "allow_over_budget": False,  # ... unless this is true
-        "progress": True,  # tqdm progress bars
-    },
-    "output": {
-        "dir": "runs",  # run directories are <dir>/<name>-<timestamp>/
-        "run_dir": None,  # or exactly this directory
-    },
-}
+
+@dataclass
+class DataConfig:
+    preset: str = "diy"  # synthetic preset (diy | geolife | small), used when path is null
+    seed: int = 0  # generator seed of the preset
+    # a directory of MHSA pickles or a trackintel staypoints.csv (+ optional locations.csv)
+    path: str | None = None
+    cache_dir: str | None = None  # preset cache (default ~/.cache/hsoftmax/data)
+    max_len: int | None = None  # keep only the most recent max_len history stays
 
 
-# Keys whose values are text: an override keeps the raw string (YAML would read ``name=off`` as
-# False and ``output.dir=2024`` as an int).
-STRING_KEYS = frozenset(
-    {
-        "name",
-        "data.preset",
-        "data.path",
-        "data.cache_dir",
-        "model.head",
-        "model.tree",
-        "model.history",
-        "model.smoothing",
-        "train.device",
-        "output.dir",
-        "output.run_dir",
-    }
-)
+@dataclass
+class ModelConfig:
+    loc_emb_dim: int = MODEL_DEFAULTS["loc_emb_dim"]
+    user_emb_dim: int = MODEL_DEFAULTS["user_emb_dim"]
+    time_emb_dim: int = MODEL_DEFAULTS["time_emb_dim"]
+    weekday_emb_dim: int = MODEL_DEFAULTS["weekday_emb_dim"]
+    duration_emb_dim: int = MODEL_DEFAULTS["duration_emb_dim"]
+    diff_emb_dim: int = MODEL_DEFAULTS["diff_emb_dim"]
+    d_model: int = MODEL_DEFAULTS["d_model"]
+    num_layers: int = MODEL_DEFAULTS["num_layers"]
+    nhead: int = MODEL_DEFAULTS["nhead"]
+    dim_feedforward: int = MODEL_DEFAULTS["dim_feedforward"]
+    dropout: float = MODEL_DEFAULTS["dropout"]
+    max_len: int = MODEL_DEFAULTS["max_len"]
+    head: str = MODEL_DEFAULTS["head"]  # hsoftmax | dense
+    tree: str = MODEL_DEFAULTS["tree"]  # balanced | kmeans | huffman
+    tree_arity: int = MODEL_DEFAULTS["tree_arity"]  # balanced and huffman trees
+    tree_branching: Any = MODEL_DEFAULTS["tree_branching"]  # int, list of ints, or "binary"
+    tree_seed: int = MODEL_DEFAULTS["tree_seed"]
+    history: str = MODEL_DEFAULTS["history"]  # none | mixture | logit_add (dense only)
+    smoothing: str = MODEL_DEFAULTS["smoothing"]  # leaves | nodes
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global batch: divided over the DDP processes
+    eval_batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    label_smoothing: float = 0.05
+    grad_clip: float | None = 1.0  # max gradient norm (null: no clipping)
+    lr_patience: int = 2  # ReduceLROnPlateau on the validation loss
+    lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    early_stopping_patience: int = 5  # epochs without validation-loss improvement
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    num_threads: int | None = None  # torch.set_num_threads (null: torch's default)
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, demos)
+    val_metrics: bool = True  # also compute Acc@k/MRR on validation every epoch
+    param_budget: int = 3_000_000  # refuse a larger model ...
+    allow_over_budget: bool = False  # ... unless this is true
+    progress: bool = True  # tqdm progress bars
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"  # run directories are <dir>/<name>-<timestamp>/
+    run_dir: str | None = None  # or exactly this directory
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+DEFAULTS: dict = OmegaConf.to_container(OmegaConf.structured(Config))
 
 # Keys a resumed run may change: where and how it runs, and for how many epochs. Anything else
 # would silently mix two configurations in one run (the optimizer and scheduler state come
@@ -110,7 +133,7 @@ RESUMABLE_KEYS = frozenset(
 
 
 class ConfigError(ValueError):
-    """A bad config: unknown key, wrong section, unparseable override."""
+    """A bad config: unknown key, wrong type or range, unparseable override."""
 
 
 def packaged_config_path(name: str) -> Path:
@@ -121,63 +144,76 @@ def packaged_config_path(name: str) -> Path:
     return path
 
 
-def merge(base: dict, update: dict, where: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base``; keys absent from ``base`` raise."""
-    out = copy.deepcopy(base)
-    for key, value in (update or {}).items():
-        name = f"{where}{key}"
-        if key not in out:
-            raise ConfigError(f"unknown config key {name!r} (known: {', '.join(sorted(out))})")
-        if isinstance(out[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {name!r} is a section; got {value!r}")
-            out[key] = merge(out[key], value, name + ".")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def _string_keys(cls=Config, where: str = "") -> frozenset[str]:
+    """Dotted keys whose type is text: an override keeps the raw string there (YAML would read
+    ``name=off`` as False and ``output.dir=2024`` as an int)."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory else None):
+            keys |= _string_keys(f.default_factory, f"{where}{f.name}.")
+        elif f.type in ("str", "str | None"):
+            keys.add(f"{where}{f.name}")
+    return frozenset(keys)
 
 
-def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
+_STRING_KEYS = _string_keys()
+
+
+def _merge(base: DictConfig, update, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        section = ".".join(str(e.full_key).split(".")[:-1])
+        node = OmegaConf.select(base, section) if section else base
+        known = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+        raise ConfigError(
+            f"{source}: unknown config key {str(e.full_key)!r} (known: {known})"
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e.msg.splitlines()[0]} (key {e.full_key!r})") from None
+
+
+def apply_overrides(cfg: dict | DictConfig, overrides: list[str] | None) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML: ``3``, ``1e-3``, ``null``,
-    ``[64, 8]``, ``true``)."""
-    out = copy.deepcopy(cfg)
+    ``[64, 8]``, ``true``; text keys keep the raw string)."""
+    conf = cfg if isinstance(cfg, DictConfig) else _structured(cfg)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 3e-4 (no dot) as a string; a number is meant
-                value = float(value)
-            except ValueError:
-                pass
-        if key.strip() in STRING_KEYS and value is not None:
-            value = raw.strip()  # a name, path or device: "off", "1e5", "2024" stay text
-        parts = key.strip().split(".")
-        update: dict = value
-        for part in reversed(parts):
-            update = {part: update}
-        out = merge(out, update)
-    return out
+        key, raw = (s.strip() for s in item.split("=", 1))
+        if key in _STRING_KEYS and raw not in ("", "null", "~"):
+            update = OmegaConf.create()
+            OmegaConf.update(update, key, raw, force_add=True)
+        else:
+            try:
+                update = OmegaConf.from_dotlist([f"{key}={raw}"])
+            except OmegaConfBaseException as e:
+                raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        conf = _merge(conf, update, f"override {item!r}")
+    return OmegaConf.to_container(conf)
+
+
+def _structured(cfg: dict) -> DictConfig:
+    return _merge(OmegaConf.structured(Config), cfg, "config")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Defaults <- YAML file (a path, or a packaged name like ``"demo"``) <- overrides."""
-    cfg = copy.deepcopy(DEFAULTS)
+    conf = OmegaConf.structured(Config)
     if path is not None:
         p = Path(path)
         if not p.is_file() and str(path) in PACKAGED_CONFIGS:
             p = packaged_config_path(str(path))
         if not p.is_file():
             raise ConfigError(f"config file {path} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as e:  # a YAML syntax error, whatever the parser calls it
+            raise ConfigError(f"{p}: not a readable YAML config ({e})") from None
+        if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{p}: a config must be a mapping, got {type(loaded).__name__}")
-        cfg = merge(cfg, loaded)
-    cfg = apply_overrides(cfg, overrides)
+        conf = _merge(conf, loaded, str(p))
+    cfg = apply_overrides(conf, overrides)
     _validate(cfg)
     return cfg
 
@@ -217,110 +253,68 @@ def config_diff(a: dict, b: dict, where: str = ""):
             yield f"{where}{key}", x, y
 
 
-def _check(cfg: dict, key: str, ok: bool, want: str) -> None:
-    if not ok:
-        section, _, field = key.partition(".")
-        value = cfg[section][field] if field else cfg[section]
-        raise ConfigError(f"{key} must be {want}, got {value!r}")
+def _positive(x) -> bool:
+    return x >= 1
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-def _validate_types(cfg: dict) -> None:
-    """Every key's type and range, so a bad value fails here, naming the key, not later as a
-    traceback from deep inside training."""
-    d, m, t, o = cfg["data"], cfg["model"], cfg["train"], cfg["output"]
-    _check(cfg, "name", isinstance(cfg["name"], str) and cfg["name"] != "", "a non-empty string")
-    for key in ("preset", "path", "cache_dir"):
-        _check(cfg, f"data.{key}", d[key] is None or isinstance(d[key], str), "a string or null")
-    _check(cfg, "data.preset", isinstance(d["preset"], str), "a string")
-    _check(cfg, "data.seed", _is_int(d["seed"]), "an int")
-    _check(
-        cfg,
-        "data.max_len",
-        d["max_len"] is None or (_is_int(d["max_len"]) and d["max_len"] >= 1),
-        "a positive int or null",
-    )
-    for key in ENCODER_SIZE_KEYS:
-        _check(cfg, f"model.{key}", _is_int(m[key]) and m[key] >= 1, "a positive int")
-    _check(cfg, "model.dropout", _is_num(m["dropout"]) and 0 <= m["dropout"] < 1, "in [0, 1)")
-    _check(
-        cfg, "model.tree_arity", _is_int(m["tree_arity"]) and m["tree_arity"] >= 2, "an int >= 2"
-    )
-    _check(cfg, "model.tree_seed", _is_int(m["tree_seed"]), "an int")
-    b = m["tree_branching"]
-    _check(
-        cfg,
+# Ranges OmegaConf's types cannot say: (dotted key, test of a non-null value, what it must be).
+_RANGES = (
+    *((f"model.{k}", _positive, "a positive int") for k in ("d_model", "num_layers", "nhead")),
+    *(
+        (f"model.{k}", _positive, "a positive int")
+        for k in ("loc_emb_dim", "user_emb_dim", "time_emb_dim", "weekday_emb_dim")
+    ),
+    *(
+        (f"model.{k}", _positive, "a positive int")
+        for k in ("duration_emb_dim", "diff_emb_dim", "dim_feedforward", "max_len")
+    ),
+    ("model.dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("model.tree_arity", lambda x: x >= 2, "an int >= 2"),
+    (
         "model.tree_branching",
-        b == "binary"
-        or (_is_int(b) and b >= 2)
-        or (isinstance(b, list) and len(b) > 0 and all(_is_int(x) and x >= 2 for x in b)),
+        lambda b: (
+            b == "binary"
+            or (isinstance(b, int) and not isinstance(b, bool) and b >= 2)
+            or (
+                isinstance(b, list)
+                and len(b) > 0
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 2 for x in b)
+            )
+        ),
         'an int >= 2, a list of them, or "binary"',
-    )
-    for key in ("epochs", "batch_size", "eval_batch_size", "early_stopping_patience"):
-        _check(cfg, f"train.{key}", _is_int(t[key]) and t[key] >= 1, "a positive int")
-    _check(cfg, "train.lr", _is_num(t["lr"]) and t["lr"] > 0, "a positive number")
-    for key in ("weight_decay", "min_lr"):
-        _check(cfg, f"train.{key}", _is_num(t[key]) and t[key] >= 0, "a number >= 0")
-    _check(
-        cfg,
-        "train.label_smoothing",
-        _is_num(t["label_smoothing"]) and 0 <= t["label_smoothing"] <= 1,
-        "in [0, 1]",
-    )
-    _check(
-        cfg,
-        "train.grad_clip",
-        t["grad_clip"] is None or (_is_num(t["grad_clip"]) and t["grad_clip"] > 0),
-        "a positive number or null",
-    )
-    _check(
-        cfg, "train.lr_patience", _is_int(t["lr_patience"]) and t["lr_patience"] >= 0, "an int >= 0"
-    )
-    _check(cfg, "train.lr_factor", _is_num(t["lr_factor"]) and 0 < t["lr_factor"] < 1, "in (0, 1)")
-    _check(cfg, "train.seed", _is_int(t["seed"]), "an int")
-    _check(cfg, "train.device", isinstance(t["device"], str), "a device string (cpu, cuda:0)")
-    for key in ("num_threads", "max_steps_per_epoch"):
-        _check(
-            cfg,
-            f"train.{key}",
-            t[key] is None or (_is_int(t[key]) and t[key] >= 1),
-            "a positive int or null",
-        )
-    _check(
-        cfg,
-        "train.param_budget",
-        _is_int(t["param_budget"]) and t["param_budget"] >= 1,
-        "a positive int",
-    )
-    for key in ("val_metrics", "allow_over_budget", "progress"):
-        _check(cfg, f"train.{key}", isinstance(t[key], bool), "true or false")
-    _check(cfg, "output.dir", isinstance(o["dir"], str) and o["dir"] != "", "a non-empty string")
-    _check(
-        cfg,
-        "output.run_dir",
-        o["run_dir"] is None or isinstance(o["run_dir"], str),
-        "a string or null",
-    )
+    ),
+    ("model.head", lambda x: x in HEADS, f"one of {HEADS}"),
+    ("model.tree", lambda x: x in TREES, f"one of {TREES}"),
+    ("model.history", lambda x: x in HISTORY_KINDS, f"one of {HISTORY_KINDS}"),
+    ("model.smoothing", lambda x: x in SMOOTHING_MODES, "'leaves' or 'nodes'"),
+    ("data.max_len", _positive, "a positive int or null"),
+    *(
+        (f"train.{k}", _positive, "a positive int")
+        for k in ("epochs", "batch_size", "eval_batch_size", "early_stopping_patience")
+    ),
+    *((f"train.{k}", _positive, "a positive int or null") for k in ("num_threads", "param_budget")),
+    ("train.max_steps_per_epoch", _positive, "a positive int or null"),
+    ("train.lr", lambda x: x > 0, "a positive number"),
+    ("train.weight_decay", lambda x: x >= 0, "a number >= 0"),
+    ("train.min_lr", lambda x: x >= 0, "a number >= 0"),
+    ("train.label_smoothing", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("train.grad_clip", lambda x: x > 0, "a positive number or null"),
+    ("train.lr_patience", lambda x: x >= 0, "an int >= 0"),
+    ("train.lr_factor", lambda x: 0 < x < 1, "in (0, 1)"),
+    ("name", lambda x: x != "", "a non-empty string"),
+    ("output.dir", lambda x: x != "", "a non-empty string"),
+)
 
 
 def _validate(cfg: dict) -> None:
-    _validate_types(cfg)
-    from hsoftmax.models.factory import HEADS, TREES
-    from hsoftmax.models.history import HISTORY_KINDS
-
-    m, t = cfg["model"], cfg["train"]
-    for key, allowed in (("head", HEADS), ("tree", TREES), ("history", HISTORY_KINDS)):
-        if m[key] not in allowed:
-            raise ConfigError(f"model.{key} must be one of {allowed}, got {m[key]!r}")
-    if m["smoothing"] not in SMOOTHING_MODES:
-        raise ConfigError(f"model.smoothing must be 'leaves' or 'nodes', got {m['smoothing']!r}")
+    """Ranges and choices, so a bad value fails here, naming the key, not later as a traceback
+    from deep inside training."""
+    for key, ok, want in _RANGES:
+        section, _, name = key.rpartition(".")
+        value = cfg[section][name] if section else cfg[name]
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key} must be {want}, got {value!r}")
+    m = cfg["model"]
     if m["smoothing"] == "nodes" and m["history"] == "logit_add":
         raise ConfigError(
             "model.smoothing 'nodes' smooths each tree decision and needs model.history 'none' "
@@ -328,5 +322,3 @@ def _validate(cfg: dict) -> None:
         )
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")
-    if not 0.0 <= float(t["label_smoothing"]) <= 1.0:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1], got {t['label_smoothing']}")

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .synthetic import PRESETS
+from hsoftmax.data.synthetic import PRESETS
 
 logger = logging.getLogger("hsoftmax.data")
 
@@ -26,7 +26,7 @@ def _setup_logging() -> None:
 
 
 def _synth(args) -> int:
-    from .synthetic import synthesize_to_dir
+    from hsoftmax.data.synthetic import synthesize_to_dir
 
     res = synthesize_to_dir(args.preset, args.seed, args.out, progress=not args.no_progress)
     print(
@@ -39,8 +39,8 @@ def _synth(args) -> int:
 
 
 def _samples(args) -> int:
-    from .samples import build_samples
-    from .staypoints import read_locations, read_staypoints
+    from hsoftmax.data.samples import build_samples
+    from hsoftmax.data.staypoints import read_locations, read_staypoints
 
     sp = read_staypoints(args.staypoints, tz=args.tz)
     locs = read_locations(args.locations) if args.locations else None
@@ -65,8 +65,8 @@ def _samples(args) -> int:
 
 
 def _baselines(args) -> int:
-    from .baselines import BASELINES, run_baselines
-    from .samples import SampleSet, load_mhsa, load_preset
+    from hsoftmax.data.baselines import BASELINES, run_baselines
+    from hsoftmax.data.samples import SampleSet, load_mhsa, load_preset
 
     if args.samples:
         d = Path(args.samples)
@@ -97,7 +97,7 @@ def _guard(func):
     def run(args) -> int:
         from zoneinfo import ZoneInfoNotFoundError
 
-        from .staypoints import DataFormatError
+        from hsoftmax.data.staypoints import DataFormatError
 
         _setup_logging()
         try:

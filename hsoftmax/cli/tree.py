@@ -8,9 +8,7 @@
         --out cooc.hst
     hsoftmax tree stats kmeans.hst --counts counts.npy
 
-Input files: counts are ``.npy`` or text/CSV with one number per line (a header line is allowed);
-features are ``.npy`` (V, F) or CSV (a header line is allowed; ``--columns`` picks named columns);
-transitions are a scipy.sparse ``.npz`` (``scipy.sparse.save_npz``) or a dense ``.npy``.
+Input files: see :mod:`hsoftmax.trees.io`.
 Each handler returns an exit code: 0 ok, 1 bad input (the message names the file and problem).
 """
 
@@ -20,119 +18,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from hsoftmax.trees.io import InputError, read_counts, read_features, read_transitions
+
 METHODS = ("balanced", "huffman", "kmeans", "cooccurrence")
-
-
-class InputError(ValueError):
-    """A bad input file or argument; the message names it."""
-
-
-# ------------------------------------------------------------------------------------ readers
-
-
-def read_counts(path: str | Path) -> np.ndarray:
-    """(V,) counts from ``.npy`` or a text file with one number per line."""
-    arr = _read_table(path)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise InputError(f"{path}: counts must be one number per line, got shape {arr.shape}")
-    return arr
-
-
-def read_features(path: str | Path, columns: list[str] | None = None) -> np.ndarray:
-    """(V, F) features from ``.npy`` or CSV (with ``columns`` picked by header name)."""
-    arr = _read_table(path, columns)
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if arr.ndim != 2:
-        raise InputError(f"{path}: features must be a (V, F) table, got shape {arr.shape}")
-    return arr
-
-
-def read_transitions(path: str | Path):
-    """(V, V) transition counts from a scipy.sparse ``.npz`` or a dense ``.npy``."""
-    import scipy.sparse as sp
-
-    path = Path(path)
-    _must_exist(path)
-    try:
-        if path.suffix == ".npz":
-            return sp.load_npz(path)
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, KeyError) as e:
-        raise InputError(f"{path}: not a readable transition matrix ({e})") from e
-    raise InputError(f"{path}: transitions must be a scipy.sparse .npz or a dense .npy file")
-
-
-def _must_exist(path: Path) -> None:
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-
-
-def _read_table(path: str | Path, columns: list[str] | None = None) -> np.ndarray:
-    path = Path(path)
-    _must_exist(path)
-    if path.suffix == ".npy":
-        if columns:
-            raise InputError(f"{path}: --columns needs a CSV file with a header line")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"{path}: not a readable .npy array ({e})") from e
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise InputError(f"{path}: must hold numbers, got dtype {arr.dtype}")
-        return arr
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not a text/CSV file (use .npy for binary arrays)") from None
-    if not lines:
-        raise InputError(f"{path}: the file is empty")
-    header = None
-    if not _is_numeric_row(lines[0]):
-        header = [name.strip() for name in lines[0].split(",")]
-        lines = lines[1:]
-    if columns:
-        if header is None:
-            raise InputError(f"{path}: --columns {','.join(columns)} needs a header line")
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise InputError(f"{path}: no column(s) {missing}; the header has {header}")
-        picks = [header.index(c) for c in columns]
-    rows = []
-    for number, line in enumerate(lines, start=2 if header else 1):
-        cells = line.split(",")
-        if columns:
-            if len(cells) != len(header):
-                raise InputError(
-                    f"{path}: line {number} has {len(cells)} cells, expected {len(header)}"
-                )
-            cells = [cells[i] for i in picks]
-        try:
-            rows.append([float(c) for c in cells])
-        except ValueError:
-            raise InputError(f"{path}: line {number} is not numeric: {line[:60]!r}") from None
-    widths = {len(r) for r in rows}
-    if len(widths) > 1:
-        raise InputError(f"{path}: rows have different numbers of values {sorted(widths)}")
-    if not rows:
-        raise InputError(f"{path}: no data rows")
-    return np.asarray(rows, dtype=np.float64)
-
-
-def _is_numeric_row(line: str) -> bool:
-    try:
-        [float(c) for c in line.split(",")]
-    except ValueError:
-        return False
-    return True
 
 
 def parse_branching(text: str):
@@ -152,7 +43,7 @@ def parse_branching(text: str):
 
 
 def format_stats(stats: dict, name: str = "") -> str:
-    """A small plain-text table of :func:`hsoftmax.builders.tree_stats`."""
+    """A small plain-text table of :func:`hsoftmax.trees.tree_stats`."""
     has_counts = "expected_path_length" in stats
     lines = [
         f"{name + ': ' if name else ''}{stats['num_leaves']:,} leaves, {stats['num_nodes']:,} "
@@ -187,7 +78,8 @@ def format_stats(stats: dict, name: str = "") -> str:
 
 
 def _build(args) -> int:
-    from hsoftmax import Tree, builders
+    from hsoftmax import Tree, trees
+    from hsoftmax.trees import tree_stats
 
     counts = read_counts(args.counts) if args.counts else None
     progress = not args.no_progress
@@ -200,13 +92,13 @@ def _build(args) -> int:
     elif args.method == "huffman":
         if counts is None:
             raise InputError("--method huffman needs --counts FILE")
-        tree = builders.huffman(counts, arity=args.arity)
+        tree = trees.huffman(counts, arity=args.arity)
     elif args.method == "kmeans":
         if not args.features:
             raise InputError("--method kmeans needs --features FILE")
         columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
         features = read_features(args.features, columns)
-        tree = builders.from_features(
+        tree = trees.from_features(
             features,
             branching=args.branching if args.branching is not None else (128,),
             seed=args.seed,
@@ -217,7 +109,7 @@ def _build(args) -> int:
     else:
         if not args.transitions:
             raise InputError("--method cooccurrence needs --transitions FILE")
-        tree = builders.from_cooccurrence(
+        tree = trees.from_cooccurrence(
             read_transitions(args.transitions),
             branching=args.branching if args.branching is not None else (150,),
             seed=args.seed,
@@ -233,7 +125,7 @@ def _build(args) -> int:
             f"{args.counts}: {counts.size} counts but the tree has {tree.num_leaves} leaves"
         )
     tree.save(args.out)
-    stats = tree.stats(counts)
+    stats = tree_stats(tree, counts)
     if args.json:
         print(json.dumps({"method": args.method, "seconds": seconds, **stats}))
     else:
@@ -248,6 +140,7 @@ def _len_or_none(counts):
 
 def _stats(args) -> int:
     from hsoftmax import Tree
+    from hsoftmax.trees import tree_stats
 
     tree = Tree.load(args.file)
     counts = read_counts(args.counts) if args.counts else None
@@ -255,7 +148,7 @@ def _stats(args) -> int:
         raise InputError(
             f"{args.counts}: {counts.size} counts but {args.file} has {tree.num_leaves} leaves"
         )
-    stats = tree.stats(counts)
+    stats = tree_stats(tree, counts)
     print(json.dumps(stats) if args.json else format_stats(stats, str(args.file)))
     return 0
 

@@ -1,0 +1,7 @@
+"""``python -m hsoftmax``: the ``hsoftmax`` command."""
+
+import sys
+
+from hsoftmax.cli import main
+
+sys.exit(main())

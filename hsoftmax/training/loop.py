@@ -1,0 +1,341 @@
+"""The training loop: data, model, AdamW + ReduceLROnPlateau, early stopping, checkpoints.
+
+One entry point, :func:`train`, used by ``hsoftmax train``, the experiments and the tests.
+
+Determinism. Seeds are set for Python, NumPy and torch; the training order of epoch ``e`` is a
+permutation drawn from a generator seeded with ``(train.seed, e)``, so it depends on nothing
+else; dropout draws from torch's global generator, whose state is checkpointed after every
+epoch with the model, optimizer, scheduler and early-stopping state. Resuming from the
+checkpoint of epoch ``e`` therefore continues exactly as the uninterrupted run would (on the same
+machine, thread count and library versions).
+
+Distributed: see :mod:`hsoftmax.training.distributed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsoftmax.data import MobilityData, MobilityDataset, collate
+from hsoftmax.metrics import format_table
+from hsoftmax.models import build_model, check_budget, parameter_report
+
+from . import distributed
+from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .config import check_resume, load_config, resume_config
+from .data import load_data
+from .evaluate import evaluate_model, final_test, to_device
+from .rundir import CKPT, FINISHED, new_run_dir, plot_history, write_history, write_run_info
+
+__all__ = ["RunResult", "epoch_batches", "improves", "make_optimizer", "train", "train_step"]
+
+logger = logging.getLogger("hsoftmax.training")
+# early stopping: an epoch improves on the best validation NLL only by more than this
+MIN_IMPROVEMENT = 1e-6
+
+
+def improves(val_nll: float, best: float) -> bool:
+    """Early stopping's rule: does an epoch's validation NLL beat the best so far?"""
+    return val_nll < best - MIN_IMPROVEMENT
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns (on every rank; only rank 0 has ``test``)."""
+
+    run_dir: Path
+    history: list[dict]
+    test: dict | None
+    params: dict
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+    """Index batches of one training epoch for this rank (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    total = math.ceil(n / world) * world
+    if total > n:  # pad as DistributedSampler does, so every rank has as many samples
+        perm = torch.cat([perm, perm[: total - n]])
+    mine = perm[rank::world]
+    per_rank = batch_size // world
+    return [mine[i : i + per_rank].tolist() for i in range(0, len(mine), per_rank)]
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
+    """AdamW with the ``train`` section's ``lr`` and ``weight_decay``."""
+    return torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+
+
+def train_step(net, model, optimizer, dataset, idx, device, tcfg: dict) -> torch.Tensor:
+    """One optimisation step on the samples ``idx`` of ``dataset``: collate, forward (the
+    label-smoothed mean loss), backward, gradient clipping, ``optimizer.step()``. ``net`` is the
+    model or its DDP wrapper. Returns the detached loss."""
+    batch = to_device(collate([dataset[i] for i in idx]), device)
+    loss = net(batch, label_smoothing=float(tcfg["label_smoothing"]))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tcfg["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
+    optimizer.step()
+    return loss.detach()
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (seeds the global state third-party code uses)
+    torch.manual_seed(seed)
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def train(
+    cfg: dict | None = None,
+    resume: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data: MobilityData | None = None,
+    echo=print,
+) -> RunResult:
+    """Train a model; return the run directory, the per-epoch history and the test metrics.
+
+    Args:
+        cfg: a resolved config (:func:`~hsoftmax.training.config.load_config`); None with
+            ``resume``: the run's own ``config.yaml``.
+        resume: a run directory holding ``ckpt.pt``: continue that run exactly (``overrides``,
+            e.g. ``train.epochs=20``, apply on top of its config; only
+            :data:`~hsoftmax.training.config.RESUMABLE_KEYS` may change).
+        data: pre-loaded data (skips :func:`load_data`; must match ``cfg["data"]``).
+        echo: where progress lines go (``print``; ``lambda *a: None`` to silence).
+    """
+    cfg, ckpt = _start(cfg, resume, overrides)
+    rank, world = distributed.dist_info()
+    tcfg = cfg["train"]
+    is_main = rank == 0
+    say = echo if is_main else (lambda *a, **k: None)
+    if tcfg["num_threads"]:
+        torch.set_num_threads(int(tcfg["num_threads"]))
+    device = distributed.setup(torch.device(tcfg["device"]), tcfg["batch_size"])
+    progress = bool(tcfg["progress"]) and is_main
+    _seed_all(int(tcfg["seed"]))
+
+    t0 = time.perf_counter()
+    if data is None:
+        data = load_data(cfg["data"], progress=progress)
+    data_seconds = time.perf_counter() - t0
+    sets = {
+        split: MobilityDataset(samples, max_len=cfg["data"]["max_len"])
+        for split, samples in data.splits.items()
+    }
+    t1 = time.perf_counter()
+    model = build_model(cfg["model"], data).to(device)
+    params = parameter_report(model)
+    check_budget(params, tcfg["param_budget"], tcfg["allow_over_budget"])
+    say(_describe(cfg, data, sets, params, data_seconds, time.perf_counter() - t1))
+
+    state = _TrainState(model, tcfg)
+    if ckpt is not None:
+        state.restore(ckpt)
+        run_dir = Path(resume)
+        say(f"resumed {run_dir} after epoch {state.start_epoch}")
+    else:
+        run_dir = new_run_dir(cfg)
+    if is_main:
+        write_run_info(run_dir, cfg, params)
+
+    net = distributed.wrap(model, device)
+    epochs = int(tcfg["epochs"])
+    for epoch in range(state.start_epoch, epochs):
+        if state.early["stopped"]:
+            break
+        t_epoch = time.perf_counter()
+        train_loss, seen = _train_epoch(
+            net, model, state.optimizer, sets["train"], epoch, device, tcfg, progress
+        )
+        train_seconds = time.perf_counter() - t_epoch
+        val = evaluate_model(
+            model,
+            sets["validation"],
+            tcfg["eval_batch_size"],
+            device,
+            float(tcfg["label_smoothing"]),
+            metrics=bool(tcfg["val_metrics"]),
+            progress=progress,
+            desc="validation",
+        )
+        state.end_epoch(epoch, val["nll"])
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_nll": val["nll"],
+            **{f"val_{k}": v for k, v in val.get("metrics", {}).items() if k != "n"},
+            "lr": state.optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "samples_per_second": seen * world / max(train_seconds, 1e-9),
+            "epoch_seconds": time.perf_counter() - t_epoch,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        state.history.append(row)
+        say(
+            f"epoch {epoch + 1}: train loss {train_loss:.4f}, val nll {val['nll']:.4f}"
+            + (f", val acc@1 {row['val_acc@1']:.2f}" if "val_acc@1" in row else "")
+            + f", {train_seconds:.1f} s train, {row['samples_per_second']:.0f} samples/s"
+        )
+        if is_main:
+            atomic_save(state.checkpoint(epoch + 1, cfg), run_dir / CKPT)
+            write_history(run_dir, state.history)
+    if state.early["stopped"]:
+        say(f"early stopping: no improvement for {tcfg['early_stopping_patience']} epochs")
+
+    test = None
+    if is_main:
+        if state.best_model is not None:
+            model.load_state_dict(state.best_model)
+        plot_history(run_dir, state.history)
+        test = final_test(model, sets["test"], cfg, device, run_dir, progress)
+        say(f"test ({len(sets['test'])} samples, best epoch {state.early['best_epoch']}):")
+        say(format_table({"test": test}))
+        say(f"run directory: {run_dir}")
+    distributed.barrier()
+    return RunResult(run_dir=run_dir, history=state.history, test=test, params=params)
+
+
+def _start(cfg, resume, overrides) -> tuple[dict, dict | None]:
+    """The run's config, and its checkpoint when resuming."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / CKPT).is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: it holds no {CKPT}")
+        recorded = load_config(run_dir / "config.yaml")
+        if cfg is None:
+            cfg = resume_config(recorded, overrides)
+        else:
+            check_resume(recorded, cfg)
+        return cfg, load_checkpoint(run_dir / CKPT)
+    if cfg is None:
+        cfg = load_config(None, overrides)
+    fixed = cfg["output"]["run_dir"]
+    held = [f for f in (CKPT, FINISHED) if fixed and (Path(fixed) / f).exists()]
+    if held:  # its files would pass for the new run's until they are overwritten
+        raise ValueError(
+            f"run directory {fixed} already holds a run ({', '.join(held)}): resume it "
+            f"(hsoftmax train --resume {fixed}) or choose another output.run_dir"
+        )
+    return cfg, None
+
+
+def _describe(cfg, data, sets, params, data_seconds, build_seconds) -> str:
+    m = cfg["model"]
+    return (
+        f"data: {len(sets['train'])}/{len(sets['validation'])}/{len(sets['test'])} samples, "
+        f"{data.n_locations} locations ({data_seconds:.1f} s); model: head {m['head']}"
+        + (f" ({m['tree']} tree)" if m["head"] == "hsoftmax" else "")
+        + f", history {m['history']}, parameters "
+        + ", ".join(f"{k} {v:,}" for k, v in params.items())
+        + f" (built in {build_seconds:.1f} s)"
+    )
+
+
+class _TrainState:
+    """Optimizer, scheduler, early stopping, best model and history: what a checkpoint holds
+    besides the model and the RNG state."""
+
+    def __init__(self, model: torch.nn.Module, tcfg: dict):
+        self.model = model
+        self.tcfg = tcfg
+        self.optimizer = make_optimizer(model, tcfg)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer,
+            mode="min",
+            factor=tcfg["lr_factor"],
+            patience=tcfg["lr_patience"],
+            min_lr=tcfg["min_lr"],
+        )
+        self.early = {"best": math.inf, "best_epoch": -1, "bad_epochs": 0, "stopped": False}
+        self.best_model = None
+        self.history: list[dict] = []
+        self.start_epoch = 0
+
+    def end_epoch(self, epoch: int, val_nll: float) -> None:
+        """The scheduler step and the early-stopping rule on the validation NLL."""
+        self.scheduler.step(val_nll)
+        if improves(val_nll, self.early["best"]):
+            self.early.update(best=val_nll, best_epoch=epoch + 1, bad_epochs=0)
+            self.best_model = copy.deepcopy(self.model.state_dict())
+        else:
+            self.early["bad_epochs"] += 1
+            if self.early["bad_epochs"] >= self.tcfg["early_stopping_patience"]:
+                self.early["stopped"] = True
+
+    def checkpoint(self, epoch: int, cfg: dict) -> dict:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "early_stopping": self.early,
+            "best_model": self.best_model,
+            "history": self.history,
+            "rng": get_rng_state(),
+            "config": cfg,
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.early = ckpt["early_stopping"]
+        self.best_model = ckpt["best_model"]
+        self.history = ckpt["history"]
+        self.start_epoch = ckpt["epoch"]
+        set_rng_state(ckpt["rng"])
+
+
+def _train_epoch(net, model, optimizer, train_set, epoch, device, tcfg, progress):
+    """One epoch of steps; returns (mean training loss over all ranks, samples seen here)."""
+    from tqdm.auto import tqdm
+
+    rank, world = distributed.dist_info()
+    model.train()
+    batches = epoch_batches(len(train_set), tcfg["batch_size"], tcfg["seed"], epoch, rank, world)
+    if tcfg["max_steps_per_epoch"]:
+        batches = batches[: int(tcfg["max_steps_per_epoch"])]
+    bar = tqdm(
+        batches,
+        desc=f"epoch {epoch + 1}/{tcfg['epochs']}",
+        disable=not progress,
+        unit="batch",
+        leave=False,
+        mininterval=1.0,
+        file=sys.stderr,
+    )
+    t0 = time.perf_counter()
+    loss_sum, seen = 0.0, 0
+    for step, idx in enumerate(bar):
+        loss = train_step(net, model, optimizer, train_set, idx, device, tcfg)
+        loss_sum += float(loss) * len(idx)
+        seen += len(idx)
+        if progress and step % 10 == 0:
+            rate = seen * world / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", samples_s=f"{rate:.0f}")
+    bar.close()
+    total, count = distributed.all_reduce_sum(loss_sum, float(seen))
+    return total / max(count, 1), seen
