@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -86,24 +86,8 @@ def extensions():
     ]
 
 
+# Everything else (name, version, dependencies, packages, entry point) is in pyproject.toml.
 setup(
-    name="hsoftmax",
-    version="0.1.0",
-    description="Fused hierarchical softmax (CPU + CUDA) for PyTorch, with exact top-k and rank",
-    packages=find_packages(include=["hsoftmax", "hsoftmax.*"]),
-    package_data={"hsoftmax.training": ["configs/*.yaml"]},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "tqdm",
-        "pyyaml",
-        "scikit-learn",
-        "pandas",
-        "matplotlib",
-    ],
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["hsoftmax = hsoftmax.cli:main"]},
-    zip_safe=False,
 )
