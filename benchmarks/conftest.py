@@ -13,6 +13,7 @@ import torch
 
 NUM_THREADS = 2
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/providers.py
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))  # shared configs, city
 
 
 def pytest_addoption(parser):

@@ -240,7 +240,7 @@ def test_smoothed_loss_hs(benchmark, smoothing_inputs, arity, eps, smoothing):
 
 
 # ------------------------------------------------------------------ a head trained by the trainer
-# HSOFTMAX_BENCH_RUN=results/diy/runs/hs-binary-seed0 PYTHONPATH=. \
+# HSOFTMAX_BENCH_RUN=experiments/results/diy/runs/hs-binary-seed0 PYTHONPATH=. \
 #     pytest benchmarks/test_bench_head.py -k trained --benchmark-only
 # times the head of a real run on its own test hidden states (skipped when the variable is not
 # set).
@@ -252,7 +252,7 @@ TRAINED_RUN = os.environ.get("HSOFTMAX_BENCH_RUN")  # a run directory of `hsoftm
 def trained():
     """The tree head of a real training run (its best checkpoint) and B hidden states of the
     run's test samples: set ``HSOFTMAX_BENCH_RUN=<run dir>`` (a run with ``model.head=hsoftmax``,
-    e.g. one of ``benchmarks/compare_heads.py``'s)."""
+    e.g. one of ``experiments/compare_heads.py``'s)."""
     if not TRAINED_RUN:
         pytest.skip("set HSOFTMAX_BENCH_RUN=<run directory of a tree-head training> to time it")
     from hsoftmax.data import MobilityDataset, collate

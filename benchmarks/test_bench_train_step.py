@@ -4,7 +4,7 @@ Run: ``PYTHONPATH=. pytest benchmarks/test_bench_train_step.py --benchmark-only`
 
 Setting: the ``diy`` preset (15,602 classes) and the seed's model (``configs/diy.yaml``: d_model
 112, 4 layers, batch 256, label smoothing 0.05), with each configuration of
-``benchmarks/compare_heads.py`` (dense / tree heads, with and without history). A step is
+``experiments/compare_heads.py`` (dense / tree heads, with and without history). A step is
 exactly the trainer's (:func:`hsoftmax.training.train_step`: collate, forward, backward, gradient
 clipping, AdamW), on the first training batches of epoch 1, cycled. ``extra_info`` holds the
 steps per epoch, so ``median x steps`` is the training time of one epoch on a quiet machine -

@@ -1,4 +1,4 @@
-"""benchmarks/compare_heads.py refuses to reuse or resume a run made with other settings."""
+"""experiments/compare_heads.py refuses to reuse or resume a run made with other settings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from hsoftmax.training import load_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 compare_heads = pytest.importorskip("compare_heads")
 
 

@@ -166,13 +166,9 @@ def test_config_overrides_and_unknown_keys():
 
 
 @pytest.mark.parametrize("name", PACKAGED_CONFIGS)
-def test_packaged_configs_match_top_level_copies(name):
-    packaged = packaged_config_path(name)
-    top = REPO / "configs" / f"{name}.yaml"
-    if not top.is_file():
-        pytest.skip("not running from a source checkout")
-    assert packaged.read_text() == top.read_text(), f"configs/{name}.yaml differs from {packaged}"
-    load_config(name)  # and it is valid
+def test_packaged_configs_are_valid(name):
+    assert packaged_config_path(name).is_file()
+    assert load_config(name)["name"] == name
 
 
 def test_cli_reports_bad_key(capsys):

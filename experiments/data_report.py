@@ -1,8 +1,8 @@
 """Print the data figures of the README: generation time, sample counts, vocabulary, baselines and
 data-loading throughput for the synthetic presets.
 
-    python benchmarks/data_report.py                      # all presets, seed 0
-    python benchmarks/data_report.py --presets diy --seed 1
+    python experiments/data_report.py                      # all presets, seed 0
+    python experiments/data_report.py --presets diy --seed 1
 
 Every figure is measured by this run (nothing is cached between runs unless --cache-dir is given,
 in which case generation time is the cached run's).

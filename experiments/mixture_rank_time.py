@@ -2,7 +2,8 @@
 (the head's grown top-k) against scoring all V classes for in-window targets, and check that
 both give the same ranks.
 
-    python benchmarks/mixture_rank_time.py results/diy/runs/hs-kmeans128+mixture+nodes-seed1 \
+    python experiments/mixture_rank_time.py \
+        experiments/results/diy/runs/hs-kmeans128+mixture+nodes-seed1 \
         --samples 2048 --threads 1
 
 Needs the run's ``ckpt.pt`` (not committed) and a mixture model (``model.history=mixture``).

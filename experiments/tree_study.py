@@ -12,8 +12,8 @@ target counts) dot products per example, and the time of one training step of th
 (forward + backward of ``path_log_prob(...).mean()``, B = 1024, D = 112, targets drawn from the
 counts, median over ``--steps`` steps, timed round-robin across the trees).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/tree_study.py            # DIY preset
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/tree_study.py --synthetic
+    OMP_NUM_THREADS=2 PYTHONPATH=. python experiments/tree_study.py            # DIY preset
+    OMP_NUM_THREADS=2 PYTHONPATH=. python experiments/tree_study.py --synthetic
 
 Times are wall-clock on whatever else the machine is running: run it on a quiet machine, or read
 the load average printed with the table.

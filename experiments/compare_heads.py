@@ -4,12 +4,13 @@ Trains every configuration below on one preset with the seed's model (``configs/
 each run in its own ``hsoftmax train`` process (so its peak memory is its own), and writes a
 Markdown table plus the raw results as JSON:
 
-    python benchmarks/compare_heads.py --preset diy --epochs 100 --seeds 0 1 --out results/diy
-    python benchmarks/compare_heads.py --preset geolife --epochs 2 --seeds 0 \\
+    python experiments/compare_heads.py --preset diy --epochs 100 --seeds 0 1 \\
+        --out experiments/results/diy
+    python experiments/compare_heads.py --preset geolife --epochs 2 --seeds 0 \\
         --configs dense dense+logit_add hs-kmeans128+mixture     # a reduced run
-    OMP_NUM_THREADS=1 python benchmarks/compare_heads.py --preset geolife --jobs 2 --reuse \\
+    OMP_NUM_THREADS=1 python experiments/compare_heads.py --preset geolife --jobs 2 --reuse \\
         --set train.num_threads=1      # two trainings at once, one core each; resumable
-    python benchmarks/compare_heads.py --preset diy --out results/diy --table-only
+    python experiments/compare_heads.py --preset diy --out experiments/results/diy --table-only
         # no training: the table of every run recorded in results.json (all earlier calls)
 
 Columns: the epochs each seed's run trained (early stopping ends a run before ``--epochs``; in
@@ -277,7 +278,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", default=None, help="output directory (default results/<preset>)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default experiments/results/<preset>)"
+    )
     p.add_argument(
         "--jobs", type=int, default=1, help="trainings run at once (give each its own core)"
     )
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
-    out = Path(args.out or f"results/{args.preset}")
+    out = Path(args.out or f"experiments/results/{args.preset}")
     if args.table_only:
         return _table_of_recorded(args, out)
     out.mkdir(parents=True, exist_ok=True)
