@@ -201,28 +201,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_log_prob, _grad_coef):
-    hidden, weight, coef, node_row_ptr, leaf_path_ptr, path_node, path_choice, target = (
-        ctx.saved_tensors
-    )
+    hidden, weight, coef, *tables = ctx.saved_tensors  # tables: the tree's tensors, target
     mask = [
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[2],
     ]
     grad_hidden, grad_weight, grad_bias, rows = torch.ops.hsoftmax.path_log_prob_backward(
-        grad_log_prob.contiguous(),
-        coef,
-        hidden,
-        weight,
-        node_row_ptr,
-        leaf_path_ptr,
-        path_node,
-        path_choice,
-        target,
-        ctx.has_bias,
-        mask,
+        grad_log_prob.contiguous(), coef, hidden, weight, *tables, ctx.has_bias, mask,
         ctx.sparse_grad,
-    )
+    )  # fmt: skip
     if ctx.sparse_grad:
         index = rows.unsqueeze(0)
         if mask[1]:

@@ -85,14 +85,9 @@ def _node_depth(parents: torch.Tensor) -> torch.Tensor:
     return depth
 
 
-def path_log_prob(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    tree: Tree,
-    target: torch.Tensor,
-) -> torch.Tensor:
-    """(B,) log p(target | hidden) by gathering each example's path rows (B, L, C - 1, D)."""
+def path_log_prob(hidden, weight, bias, tree: Tree, target) -> torch.Tensor:
+    """(B,) log p(target | hidden) by gathering each example's path rows (B, L, C - 1, D); the
+    arguments of :func:`hsoftmax.ops.path_log_prob`."""
     paths = tree.padded_paths(hidden.device)
     rows, choice, valid = paths.rows, paths.choice, paths.valid
     if rows.shape[1] == 0:

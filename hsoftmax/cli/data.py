@@ -10,7 +10,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfoNotFoundError
 
+from hsoftmax.cli._errors import guarded
 from hsoftmax.data.synthetic import PRESETS
 
 logger = logging.getLogger("hsoftmax.data")
@@ -94,20 +96,9 @@ def _baselines(args) -> int:
 
 
 def _guard(func):
-    def run(args) -> int:
-        from zoneinfo import ZoneInfoNotFoundError
-
-        from hsoftmax.data.staypoints import DataFormatError
-
-        _setup_logging()
-        try:
-            return func(args)
-        except (DataFormatError, FileNotFoundError, ValueError, ZoneInfoNotFoundError) as e:
-            # bad files and bad arguments (a split that does not sum to 1, an unknown zone)
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return run
+    # bad files (DataFormatError is a ValueError) and bad arguments (a split that does not sum
+    # to 1, an unknown time zone)
+    return guarded(func, (FileNotFoundError, ValueError, ZoneInfoNotFoundError), _setup_logging)
 
 
 def register(subparsers) -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
 
+from hsoftmax.cli._errors import guarded
 from hsoftmax.trees.io import InputError, read_counts, read_features, read_transitions
 
 METHODS = ("balanced", "huffman", "kmeans", "cooccurrence")
@@ -154,14 +154,7 @@ def _stats(args) -> int:
 
 
 def _guard(func):
-    def run(args) -> int:
-        try:
-            return func(args)
-        except (InputError, ValueError, TypeError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return run
+    return guarded(func, (InputError, ValueError, TypeError, FileNotFoundError))
 
 
 def register(subparsers) -> None:

@@ -23,14 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsoftmax.nn import (
-    check_k,
-    check_label_smoothing,
-    check_reduction,
-    check_smoothing_mode,
-    rank_by_id,
-    topk_by_id,
-)
+from hsoftmax import nn as heads
 
 __all__ = [
     "HISTORY_KINDS",
@@ -199,7 +192,7 @@ class PointerScorer(nn.Module):
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    check_reduction(reduction)
+    heads.check_reduction(reduction)
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.mean()
@@ -295,7 +288,7 @@ class HistoryMixture(nn.Module):
         smoothing: str = "leaves",
     ):
         super().__init__()
-        check_smoothing_mode(smoothing)
+        heads.check_smoothing_mode(smoothing)
         self.smoothing = smoothing
         self.head = head
         self.scorer = scorer if scorer is not None else PointerScorer(in_features)
@@ -340,7 +333,7 @@ class HistoryMixture(nn.Module):
     def forward(self, hidden, window: Window, target, reduction="mean", label_smoothing=0.0):
         """Negative log-likelihood of ``target`` under the mixture; ``label_smoothing`` eps gives
         ``(1 - eps) * nll + eps * term``, the term set by ``self.smoothing`` (class docstring)."""
-        check_label_smoothing(label_smoothing)
+        heads.check_label_smoothing(label_smoothing)
         log_g, log_1mg = self.log_gates(hidden, window)
         if label_smoothing == 0 or self.smoothing == "nodes":  # one path of the head
             if label_smoothing == 0:
@@ -406,7 +399,7 @@ class HistoryMixture(nn.Module):
         """Exact top-k of the mixture: (values (B, k'), indices (B, k')), k' = min(k, V),
         by log-prob descending, then the head's log-prob descending, then id ascending (see
         the class docstring for the proof)."""
-        check_k(k)
+        heads.check_k(k)
         v = self.num_classes
         k = min(int(k), v)
         m = int(window.num_distinct.max()) if window.loc.numel() else 0
@@ -414,7 +407,7 @@ class HistoryMixture(nn.Module):
         if lp_all is None:
             _, head_ids = self.head.topk(hidden, min(k + m, v))
         else:
-            head_ids = topk_by_id(lp_all, min(k + m, v))[1]
+            head_ids = heads.topk_by_id(lp_all, min(k + m, v))[1]
         ids = torch.cat([window.loc, head_ids], dim=1)
         log_g, log_1mg = self.log_gates(hidden, window)
         log_head = self._head_values(hidden, ids, lp_all)
@@ -458,7 +451,7 @@ class HistoryMixture(nn.Module):
             if lp_all is None:
                 head_rank = self.head.rank(hidden[rows], target[rows])
             else:
-                head_rank = rank_by_id(lp_all[rows], target[rows])
+                head_rank = heads.rank_by_id(lp_all[rows], target[rows])
             beats = window.first[rows] & head_first[rows]
             rank[rows] += (head_rank - 1 - beats.sum(1)).clamp(min=0)
         if bool(in_w.any()):
@@ -573,7 +566,7 @@ class HistoryLogitAdd(nn.Module):
         return base + bonus
 
     def forward(self, hidden, window, target, reduction="mean", label_smoothing=0.0):
-        check_label_smoothing(label_smoothing)
+        heads.check_label_smoothing(label_smoothing)
         return F.cross_entropy(
             self.logits(hidden, window),
             target,
@@ -589,9 +582,9 @@ class HistoryLogitAdd(nn.Module):
 
     @torch.no_grad()
     def topk(self, hidden, window, k):
-        check_k(k)
-        return topk_by_id(self.log_prob_all(hidden, window), min(k, self.num_classes))
+        heads.check_k(k)
+        return heads.topk_by_id(self.log_prob_all(hidden, window), min(k, self.num_classes))
 
     @torch.no_grad()
     def rank(self, hidden, window, target):
-        return rank_by_id(self.log_prob_all(hidden, window), target)
+        return heads.rank_by_id(self.log_prob_all(hidden, window), target)

@@ -18,15 +18,7 @@ from torch import nn
 from hsoftmax.data.dataset import N_DURATIONS, N_TIME_SLOTS, N_WEEKDAYS
 from hsoftmax.nn import Dropout, check_smoothing_mode
 
-from .history import (
-    HISTORY_KINDS,
-    HeadOnly,
-    HistoryLogitAdd,
-    HistoryMixture,
-    HistoryScorer,
-    PointerScorer,
-    Window,
-)
+from . import history as hist
 from .layers import EncoderLayer, encode_packed
 
 __all__ = ["HistoryCentricModel", "HistoryEncoder"]
@@ -136,9 +128,10 @@ class HistoryCentricModel(nn.Module):
         encoder: a :class:`HistoryEncoder`.
         head: an output head with the :mod:`hsoftmax.nn` interface and ``in_features =
             encoder.d_model``.
-        history: ``"none"`` (head only), ``"mixture"`` (:class:`HistoryMixture` with a
-            :class:`PointerScorer`, any head) or ``"logit_add"`` (:class:`HistoryLogitAdd` with
-            the recency/frequency :class:`HistoryScorer`, dense head only: the seed's way).
+        history: ``"none"`` (head only), ``"mixture"`` (``HistoryMixture`` with a
+            ``PointerScorer``, any head) or ``"logit_add"`` (``HistoryLogitAdd`` with the
+            recency/frequency ``HistoryScorer``, dense head only: the seed's way); see
+            :mod:`hsoftmax.models.history`.
 
     Every method takes a ``collate`` batch dict (``x, time, weekday, duration, diff, mask, user``;
     ``y`` where a target is needed):
@@ -156,8 +149,8 @@ class HistoryCentricModel(nn.Module):
         smoothing: str = "leaves",
     ):
         super().__init__()
-        if history not in HISTORY_KINDS:
-            raise ValueError(f"history must be one of {HISTORY_KINDS}, got {history!r}")
+        if history not in hist.HISTORY_KINDS:
+            raise ValueError(f"history must be one of {hist.HISTORY_KINDS}, got {history!r}")
         check_smoothing_mode(smoothing)
         if smoothing == "nodes" and history == "logit_add":
             raise ValueError(
@@ -173,13 +166,13 @@ class HistoryCentricModel(nn.Module):
         self.history_kind = history
         self.encoder = encoder
         if history == "none":
-            self.output = HeadOnly(head, smoothing)
+            self.output = hist.HeadOnly(head, smoothing)
         elif history == "mixture":
-            self.output = HistoryMixture(
-                head, encoder.d_model, PointerScorer(encoder.d_model), smoothing=smoothing
+            self.output = hist.HistoryMixture(
+                head, encoder.d_model, hist.PointerScorer(encoder.d_model), smoothing=smoothing
             )
         else:
-            self.output = HistoryLogitAdd(head, HistoryScorer())
+            self.output = hist.HistoryLogitAdd(head, hist.HistoryScorer())
 
     @property
     def head(self) -> nn.Module:
@@ -189,8 +182,8 @@ class HistoryCentricModel(nn.Module):
     def num_classes(self) -> int:
         return self.output.num_classes
 
-    def hidden_and_window(self, batch) -> tuple[torch.Tensor, Window | None]:
-        """(B, D) hidden state and the history :class:`Window` (None without history)."""
+    def hidden_and_window(self, batch) -> tuple[torch.Tensor, hist.Window | None]:
+        """(B, D) hidden state and the history window (None without history)."""
         if self.history_kind == "none":
             return self.encoder(batch), None
         states = self.encoder(batch, all_positions=True)
