@@ -7,8 +7,14 @@ import pickle
 import numpy as np
 import pytest
 
-from hsoftmax.data.samples import build_samples, load_mhsa
-from hsoftmax.data.staypoints import DataFormatError, read_locations, read_staypoints
+from hsoftmax.data.samples import MHSA_KEYS, build_samples, load_mhsa
+from hsoftmax.data.sources import load_dir
+from hsoftmax.data.staypoints import (
+    DataFormatError,
+    read_locations,
+    read_staypoints,
+    vocabulary_coordinates,
+)
 
 HEADER = "id,user_id,location_id,started_at,finished_at\n"
 GOOD = [
@@ -97,7 +103,9 @@ def test_bad_geometry_and_locations(tmp_path):
     ):
         read_staypoints(p)
     p = _csv(tmp_path, ["1,-7.8,110.3\n", "1,-7.9,110.4\n"], header="id,lat,lon\n", name="l.csv")
-    with pytest.raises(DataFormatError, match=r"l\.csv: duplicate location id on line 3"):
+    with pytest.raises(
+        DataFormatError, match=r"l\.csv: duplicate location id with different coordinates on line 3"
+    ):
         read_locations(p)
     p = _csv(tmp_path, ["1,-7.8\n"], header="id,lat\n", name="l2.csv")
     with pytest.raises(DataFormatError, match=r"l2\.csv: missing coordinates"):
@@ -154,8 +162,10 @@ def test_pickle_missing_key(tmp_path):
 def test_pickle_wrong_container_and_types(tmp_path):
     with pytest.raises(DataFormatError, match=r"s\.pk: expected a list of sample dicts, got dict"):
         load_mhsa(_pk(tmp_path, {"X": []}))
-    with pytest.raises(DataFormatError, match=r"sample 0 key 'X' must be a 1-D integer array"):
-        load_mhsa(_pk(tmp_path, [_sample(X=np.array([1.5, 2.0, 3.0]))]))
+    with pytest.raises(
+        DataFormatError, match=r"sample 0 key 'X' must be a 1-D numeric array of whole numbers"
+    ):
+        load_mhsa(_pk(tmp_path, [_sample(X=np.array(["a", "b", "c"]))]))
     with pytest.raises(DataFormatError, match=r"sample 0 key 'diff' has length 2, but 'X' has 3"):
         load_mhsa(_pk(tmp_path, [_sample(diff=np.array([1, 0]))]))
     with pytest.raises(DataFormatError, match=r"sample 0 key 'Y' must be an integer"):
@@ -181,3 +191,183 @@ def test_pickle_ids_out_of_range(tmp_path):
         DataFormatError, match=r"sample 0 key 'weekday_X' has value 7 out of range \[0, 7\)"
     ):
         load_mhsa(p)
+
+
+# ---------------------------------------------------------------- MHSA pickles as MHSA writes them
+
+
+def test_pickle_float_whole_numbers_accepted(tmp_path):
+    # MHSA writes dur_X as float64 (total_seconds() // 60 read back from a CSV)
+    exact = _sample()
+    floats = _sample(dur_X=np.array([60.0, 30.0, 600.0]), Y=np.float64(3.0))
+    a = load_mhsa(_pk(tmp_path, [exact]), as_sampleset=True)
+    b = load_mhsa(_pk(tmp_path, [floats], name="f.pk"), as_sampleset=True)
+    for k in MHSA_KEYS[:-1]:
+        np.testing.assert_array_equal(a[0][k], b[0][k])
+        assert b[0][k].dtype == np.int64
+    assert b[0]["Y"] == 3
+
+
+def test_pickle_non_integral_values(tmp_path):
+    p = _pk(tmp_path, [_sample(), _sample(dur_X=np.array([60.0, 12.5, 600.0]))])
+    with pytest.raises(
+        DataFormatError,
+        match=r"s\.pk: sample 1 key 'dur_X' has non-integral value 12\.5 \(whole numbers "
+        r"expected; 1 such values in total\)",
+    ):
+        load_mhsa(p)
+    p = _pk(tmp_path, [_sample(), _sample(), _sample(start_min_X=np.array([1.0, np.nan, 2.0]))])
+    with pytest.raises(DataFormatError, match=r"sample 2 key 'start_min_X' has non-integral value"):
+        load_mhsa(p)
+    with pytest.raises(DataFormatError, match=r"sample 0 key 'Y' must be a whole number, got 2\.5"):
+        load_mhsa(_pk(tmp_path, [_sample(Y=2.5)]))
+
+
+def _variant(d, name, samples=None, splits=("train", "validation", "test")):
+    d.mkdir(exist_ok=True)
+    for split in splits:
+        _pk(d, samples or [_sample()], name=f"{name}{split}.pk")
+
+
+def test_mhsa_variant_lacking_a_split(tmp_path):
+    _variant(tmp_path, "geolife_transformer_7_", splits=("train", "test"))
+    with pytest.raises(
+        DataFormatError,
+        match=r"MHSA sample set 'geolife_transformer_7' lacks its validation pickle "
+        r"\(geolife_transformer_7_validation\.pk\)",
+    ):
+        load_dir(tmp_path, previous_day=7, progress=False)
+
+
+def test_mhsa_two_files_for_one_split(tmp_path):
+    _variant(tmp_path, "x_")
+    _pk(tmp_path, [_sample()], name="x_valid.pk")
+    with pytest.raises(
+        DataFormatError, match=r"two validation pickles for sample set 'x': x_valid\.pk and "
+    ):
+        load_dir(tmp_path, progress=False)
+
+
+def test_mhsa_same_previous_day_twice(tmp_path):
+    _variant(tmp_path, "geolife_transformer_7_")
+    _variant(tmp_path, "geolife_lstm_7_")
+    with pytest.raises(
+        DataFormatError,
+        match=r"2 MHSA sample sets with previous_day=7: geolife_lstm_7 \(previous_day 7\), "
+        r"geolife_transformer_7 \(previous_day 7\); keep one of them",
+    ):
+        load_dir(tmp_path, previous_day=7, progress=False)
+
+
+def test_mhsa_unnamed_variant_checked_against_previous_day(tmp_path):
+    _variant(tmp_path, "", samples=[_sample(diff=np.array([5, 1, 0]))])
+    data = load_dir(tmp_path, previous_day=5, progress=False)
+    assert len(data.train) == 1 and not data.has_coordinates
+    with pytest.raises(
+        DataFormatError,
+        match=r"samples of \(no prefix\) reach back 5 days, more than "
+        r"data.previous_day=2",
+    ):
+        load_dir(tmp_path, previous_day=2, progress=False)
+
+
+def test_mhsa_bad_meta(tmp_path):
+    _variant(tmp_path, "")
+    (tmp_path / "meta.json").write_text('{"n_locations": "many"}')
+    with pytest.raises(DataFormatError, match=r"meta\.json: needs an integer n_locations >= 2"):
+        load_dir(tmp_path, progress=False)
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(DataFormatError, match=r"meta\.json: not valid JSON"):
+        load_dir(tmp_path, progress=False)
+
+
+# --------------------------------------------------------------- trackintel staypoints as written
+
+TI_HEADER = "id,user_id,location_id,started_at,finished_at,is_activity\n"
+TI_GOOD = [
+    "0,1,5,2021-10-01 08:00:00+07:00,2021-10-01 09:00:00+07:00,True\n",
+    "1,1,,2021-10-01 09:10:00+07:00,2021-10-01 09:20:00+07:00,True\n",
+    "2,1,6,2021-10-01 10:00:00+07:00,2021-10-01 12:00:00+07:00,False\n",
+    "3,2,5,2021-10-01 08:00:00+07:00,2021-10-01 17:30:00+07:00,True\n",
+]
+
+
+def test_noise_and_non_activity_dropped_with_one_line(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="hsoftmax.data"):
+        sp = read_staypoints(_csv(tmp_path, TI_GOOD, header=TI_HEADER))
+    assert list(sp["row"]) == [0, 3] and list(sp["location_id"]) == [5, 5]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1
+    assert msgs[0].endswith(
+        "sp.csv: dropped 2 of 4 stays: 1 DBSCAN noise (empty location_id), 1 more not activities "
+        "(is_activity false)"
+    )
+    kept_all = read_staypoints(_csv(tmp_path, TI_GOOD, header=TI_HEADER), activities_only=False)
+    assert list(kept_all["row"]) == [0, 2, 3]
+
+
+def test_lines_counted_in_the_file_after_dropping(tmp_path):
+    bad = TI_GOOD + ["4,x,6,2021-10-02 08:00:00+07:00,2021-10-02 09:00:00+07:00,True\n"]
+    with pytest.raises(DataFormatError, match=r"column 'user_id' must hold integers; line 6: 'x'"):
+        read_staypoints(_csv(tmp_path, bad, header=TI_HEADER))
+
+
+def test_bad_activity_flag(tmp_path):
+    bad = TI_GOOD[:1] + ["1,1,5,2021-10-01 09:10:00,2021-10-01 09:20:00,maybe\n"]
+    with pytest.raises(
+        DataFormatError,
+        match=r"sp\.csv: column 'is_activity' must hold True/False; line 3: 'maybe'",
+    ):
+        read_staypoints(_csv(tmp_path, bad, header=TI_HEADER))
+
+
+def test_only_noise_left(tmp_path):
+    noise = [TI_GOOD[1], TI_GOOD[2]]
+    with pytest.raises(
+        DataFormatError,
+        match=r"sp\.csv: no staypoint left: 1 of 2 have an empty location_id \(DBSCAN noise\), "
+        r"1 more are not activities",
+    ):
+        read_staypoints(_csv(tmp_path, noise, header=TI_HEADER))
+
+
+# ------------------------------------------------------------------------------ directory loading
+
+
+def test_load_dir_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data path .*nowhere does not exist"):
+        load_dir(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FileNotFoundError, match=r"no staypoints\.csv and no MHSA pickles"):
+        load_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"notes\.txt is a file; give a staypoint CSV"):
+        load_dir(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"previous_day must be an integer >= 1, got 0"):
+        load_dir(tmp_path, previous_day=0)
+    for name in ("a_staypoints.csv", "b_staypoints.csv"):
+        _csv(tmp_path, GOOD, name=name)
+    with pytest.raises(
+        DataFormatError,
+        match=r"several \*staypoints\*\.csv files and no staypoints\.csv: "
+        r"\['a_staypoints\.csv', 'b_staypoints\.csv'\]",
+    ):
+        load_dir(tmp_path)
+
+
+def test_vocabulary_coordinates_errors():
+    import pandas as pd
+
+    table = pd.DataFrame({"loc": [2, 9], "lat": [1.0, 2.0], "lon": [3.0, 4.0]})
+    with pytest.raises(
+        DataFormatError, match=r"x: location table row 1: loc 9 is not an encoded id in \[0, 5\)"
+    ):
+        vocabulary_coordinates(table, 5, source="x")
+    empty = pd.DataFrame({"loc": [2], "lat": [np.nan], "lon": [np.nan]})
+    with pytest.raises(
+        DataFormatError, match=r"no location has coordinates .* use a tree that needs none"
+    ):
+        vocabulary_coordinates(empty, 5)
+    xy = vocabulary_coordinates(table.iloc[:1], 4)
+    assert xy.shape == (4, 2) and np.all(xy == [1.0, 3.0])

@@ -210,7 +210,14 @@ def test_write_mhsa_dir(small_sp, tmp_path):
     paths = data.write_mhsa(tmp_path, prefix="x_")
     names = sorted(p.name for p in paths)
     assert names == sorted(
-        ["x_train.pk", "x_validation.pk", "x_test.pk", "x_vocab_locations.csv", "x_meta.json"]
+        [
+            "x_train.pk",
+            "x_validation.pk",
+            "x_test.pk",
+            "x_vocab_locations.csv",
+            "x_vocab_users.csv",
+            "x_meta.json",
+        ]
     )
     assert len(load_mhsa(tmp_path / "x_train.pk", data.n_locations)) == len(data.train)
 

@@ -65,6 +65,43 @@ _SEQ_KEYS = MHSA_KEYS[:-1]
 _CACHE_VERSION = 1
 
 
+# whole numbers above 2**53 are not exact in float64; ids and minutes are far below
+_MAX_WHOLE = 2.0**53
+
+
+def _whole_scalar(y, what: str) -> float:
+    """``y`` (int, float or one-element array) as a float holding a whole number, else raise."""
+    a = np.asarray(y)
+    if isinstance(y, bool) or a.size != 1 or a.dtype.kind not in "iuf":
+        raise DataFormatError(f"{what} must be an integer, got {y!r}")
+    v = float(a.reshape(-1)[0])
+    if not (np.isfinite(v) and v == np.floor(v) and abs(v) < _MAX_WHOLE):
+        raise DataFormatError(f"{what} must be a whole number, got {v!r}")
+    return v
+
+
+def _whole_array(parts: list, key: str, ends: np.ndarray, source: str) -> np.ndarray:
+    """Concatenate one key's per-sample arrays into int64, raising on a non-integral value.
+
+    ``ends[i]`` is the end offset of sample ``i`` in the concatenation; the error names the
+    sample that holds the first bad value.
+    """
+    if not parts:
+        return np.empty(0, np.int64)
+    flat = np.concatenate(parts)
+    if flat.dtype.kind == "f":
+        bad = np.flatnonzero(
+            ~np.isfinite(flat) | (flat != np.floor(flat)) | (abs(flat) >= _MAX_WHOLE)
+        )
+        if len(bad):
+            i = int(np.searchsorted(ends, bad[0], side="right"))
+            raise DataFormatError(
+                f"{source}: sample {i} key {key!r} has non-integral value {float(flat[bad[0]])!r} "
+                f"(whole numbers expected; {len(bad)} such values in total)"
+            )
+    return flat.astype(np.int64)
+
+
 @dataclass
 class SampleSet:
     """The samples of one split, stored compactly.
@@ -131,15 +168,20 @@ class SampleSet:
     def from_mhsa(cls, samples: list, source: str = "<samples>") -> SampleSet:
         """Build a SampleSet from an MHSA list of dicts, validating keys, types and lengths.
 
+        The sequence keys may hold any numeric dtype whose values are whole numbers: MHSA's own
+        preprocessing writes ``dur_X`` as float64 (durations are ``total_seconds() // 60`` read
+        back from a CSV), and ``Y`` may be a float holding a whole number.
+
         Raises :class:`DataFormatError` naming ``source``, the sample index (0-based position in
-        the list) and key of the first problem.
+        the list) and key of the first problem (missing key, non-numeric or non-integral value,
+        wrong length).
         """
         if not isinstance(samples, list | tuple):
             raise DataFormatError(
                 f"{source}: expected a list of sample dicts, got {type(samples).__name__}"
             )
         cols: dict[str, list] = {k: [] for k in _SEQ_KEYS}
-        ys = np.empty(len(samples), dtype=np.int64)
+        ys = np.empty(len(samples), dtype=np.float64)
         lengths = np.empty(len(samples), dtype=np.int64)
         for i, s in enumerate(samples):
             if not isinstance(s, dict):
@@ -154,10 +196,10 @@ class SampleSet:
             n = None
             for k in _SEQ_KEYS:
                 a = np.asarray(s[k])
-                if a.ndim != 1 or a.dtype.kind not in "iu":
+                if a.ndim != 1 or a.dtype.kind not in "iuf":
                     raise DataFormatError(
-                        f"{source}: sample {i} key {k!r} must be a 1-D integer array, got "
-                        f"dtype {a.dtype} shape {a.shape}"
+                        f"{source}: sample {i} key {k!r} must be a 1-D numeric array of whole "
+                        f"numbers, got dtype {a.dtype} shape {a.shape}"
                     )
                 if n is None:
                     n = len(a)
@@ -168,19 +210,10 @@ class SampleSet:
                         f"{source}: sample {i} key {k!r} has length {len(a)}, but 'X' has {n}"
                     )
                 cols[k].append(a)
-            y = s["Y"]
-            if isinstance(y, bool) or not isinstance(y, int | np.integer):
-                if not (isinstance(y, np.ndarray) and y.size == 1 and y.dtype.kind in "iu"):
-                    raise DataFormatError(
-                        f"{source}: sample {i} key 'Y' must be an integer, got {y!r}"
-                    )
-            ys[i] = int(np.asarray(y).reshape(-1)[0])
+            ys[i] = _whole_scalar(s["Y"], f"{source}: sample {i} key 'Y'")
             lengths[i] = n
-        flat = {
-            k: (np.concatenate(v).astype(np.int64) if v else np.empty(0, np.int64))
-            for k, v in cols.items()
-        }
         ends = np.cumsum(lengths)
+        flat = {k: _whole_array(v, k, ends, source) for k, v in cols.items()}
         starts = ends - lengths
         return cls(
             loc=flat["X"],
@@ -192,7 +225,7 @@ class SampleSet:
             hist_start=starts,
             hist_end=ends,
             target_day=np.zeros(len(samples), dtype=np.int64),
-            y=ys,
+            y=ys.astype(np.int64),
         )
 
     def validate(self, n_locations: int | None = None, source: str = "<samples>") -> None:
@@ -257,7 +290,12 @@ class MobilityData:
     ``user_ids[k]``: original user id of encoded user ``k`` (-1 for 0).
     ``locations``: DataFrame with columns ``loc`` (encoded id 2..V-1), ``id`` (original id),
     ``lat``, ``lon`` (NaN where no coordinates are known); the tree builders cluster on these.
-    ``info``: counts and settings (JSON-serialisable).
+    ``info``: counts and settings (JSON-serialisable); ``info["coordinates"]`` says where the
+    coordinates came from or why there are none.
+    ``path``: the data directory or file the samples were built from (absolute), if any.
+
+    Both id maps and ``path`` are saved and loaded with the samples (:meth:`save`, :meth:`load`,
+    :meth:`write_mhsa` and :func:`~hsoftmax.data.sources.load_dir`).
     """
 
     train: SampleSet
@@ -269,6 +307,28 @@ class MobilityData:
     user_ids: np.ndarray
     locations: pd.DataFrame
     info: dict = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def has_coordinates(self) -> bool:
+        """Whether any location of the vocabulary has a known lat/lon (a k-means tree needs it;
+        without, use a tree that needs no coordinates: huffman, balanced, co-occurrence)."""
+        locs = self.locations
+        if len(locs) == 0 or not {"lat", "lon"} <= set(locs.columns):
+            return False
+        ll = locs[["lat", "lon"]].to_numpy(np.float64)
+        return bool(np.isfinite(ll).all(axis=1).any())
+
+    def coordinates(self) -> np.ndarray:
+        """(V, 2) lat/lon of every encoded id, padding (0) and unseen (1) included.
+
+        Ids without known coordinates (0, 1, and any location the location table lacks) get the
+        mean of the known ones, so a tree built from these features has exactly ``V`` leaves, one
+        per model class.  Raises :class:`DataFormatError` when no location has coordinates.
+        """
+        from .staypoints import vocabulary_coordinates
+
+        return vocabulary_coordinates(self.locations, self.n_locations, source=self.path or "")
 
     @property
     def splits(self) -> dict[str, SampleSet]:
@@ -288,6 +348,7 @@ class MobilityData:
             "n_locations": self.n_locations,
             "n_users": self.n_users,
             "info": self.info,
+            "path": self.path,
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
@@ -308,11 +369,15 @@ class MobilityData:
             user_ids=user_ids,
             locations=pd.read_csv(d / "vocab_locations.csv"),
             info=meta["info"],
+            path=meta.get("path"),
         )
 
     def write_mhsa(self, out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
         """Write ``<prefix>train.pk``, ``<prefix>validation.pk``, ``<prefix>test.pk`` MHSA pickles
-        and ``<prefix>vocab_locations.csv``, ``<prefix>meta.json`` into ``out_dir``.
+        and ``<prefix>vocab_locations.csv`` (encoded ``loc`` -> original ``id``, ``lat``, ``lon``),
+        ``<prefix>vocab_users.csv`` (encoded ``user`` -> original ``id``) and
+        ``<prefix>meta.json`` into ``out_dir``.  :func:`~hsoftmax.data.sources.load_dir` reads the
+        directory back with both id maps.
 
         Returns the written paths.
         """
@@ -325,6 +390,12 @@ class MobilityData:
             paths.append(p)
         p = out / f"{prefix}vocab_locations.csv"
         self.locations.to_csv(p, index=False, lineterminator="\n")
+        paths.append(p)
+        p = out / f"{prefix}vocab_users.csv"
+        users = pd.DataFrame(
+            {"user": np.arange(1, len(self.user_ids), dtype=np.int64), "id": self.user_ids[1:]}
+        )
+        users.to_csv(p, index=False, lineterminator="\n")
         paths.append(p)
         p = out / f"{prefix}meta.json"
         meta = {"n_locations": self.n_locations, "n_users": self.n_users, "info": self.info}
@@ -504,9 +575,13 @@ def build_samples(
     if locations is not None:
         li = locations.set_index("id")
         lat, lon = li.loc[vocab, "lat"].to_numpy(), li.loc[vocab, "lon"].to_numpy()
+        coord_note = "location table"
     elif "lat" in sp.columns:
         means = sp.groupby("location_id")[["lat", "lon"]].mean()
         lat, lon = means.loc[vocab, "lat"].to_numpy(), means.loc[vocab, "lon"].to_numpy()
+        coord_note = "mean staypoint position per location (no location table)"
+    else:
+        coord_note = "none: no location table and no staypoint geometry"
     loc_table = pd.DataFrame(
         {"loc": np.arange(2, V, dtype=np.int64), "id": vocab, "lat": lat, "lon": lon}
     )
@@ -523,6 +598,7 @@ def build_samples(
             name: int((s.y == UNSEEN).sum()) for name, s in zip(SPLITS, sets, strict=True)
         },
         "seconds": round(time.perf_counter() - t0, 3),
+        "coordinates": coord_note,
     }
     bar.update()
     bar.close()
