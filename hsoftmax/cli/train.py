@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["register"]
 
@@ -40,6 +41,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("overrides_pos", nargs="*", metavar="KEY=VALUE", help="same as --set")
     p.add_argument("--data", help="directory of MHSA pickles or staypoints.csv (data.path)")
+    p.add_argument("--name", help="run name (default: the data directory's name, or the config's)")
     p.add_argument("--preset", help="synthetic preset: diy, geolife, small (data.preset)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("--out", help="parent directory of run directories (output.dir)")
@@ -60,9 +62,28 @@ def register(subparsers) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_evaluate)
 
+    pr = subparsers.add_parser(
+        "predict",
+        help="write a run's top-k next-location predictions to a CSV",
+        description="Predict with RUN_DIR's best checkpoint: one row per sample of a split with "
+        "the user, the true next location and the top-k locations with their probabilities, in "
+        "the data's original ids.",
+    )
+    pr.add_argument("run_dir", metavar="RUN_DIR")
+    pr.add_argument("--data", help="data directory (default: the run's own data)")
+    pr.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    pr.add_argument("--split", choices=("test", "validation", "train"), default="test")
+    pr.add_argument("--k", type=int, default=10, help="locations per sample (default 10)")
+    pr.add_argument("--which", choices=("best", "last"), default="best")
+    pr.set_defaults(func=_predict)
+
 
 def _overrides(args) -> list[str]:
     out = list(args.overrides) + list(getattr(args, "overrides_pos", []) or [])
+    if getattr(args, "name", None):
+        out.insert(0, f"name={args.name}")
+    elif getattr(args, "data", None) and not any(o.startswith("name=") for o in out):
+        out.insert(0, f"name={Path(args.data).expanduser().resolve().name or 'data'}")
     for flag, key in (
         ("data", "data.path"),
         ("preset", "data.preset"),
@@ -96,6 +117,21 @@ def _train(args) -> int:
     except (ValueError, FileNotFoundError) as e:  # config, budget, data format errors
         print(f"hsoftmax train: error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _predict(args) -> int:
+    from hsoftmax.training import predict_run
+
+    try:
+        out = predict_run(
+            args.run_dir, args.out, data_path=args.data, split=args.split, k=args.k,
+            which=args.which,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hsoftmax predict: error: {e}", file=sys.stderr)
+        return 1
+    print(f"predictions written to {out}")
     return 0
 
 

@@ -21,6 +21,7 @@ from .samples import (
     load_preset,
     save_mhsa,
 )
+from .sources import MHSA_SETTINGS, load_dir, parse_split
 from .staypoints import DataFormatError, read_locations, read_staypoints, validate_staypoints
 from .synthetic import PRESETS, SynthConfig, generate, get_preset, write_csv
 
@@ -36,7 +37,10 @@ __all__ = [
     "default_cache_dir",
     "generate",
     "get_preset",
+    "load_dir",
     "load_mhsa",
+    "MHSA_SETTINGS",
+    "parse_split",
     "load_preset",
     "read_locations",
     "read_staypoints",

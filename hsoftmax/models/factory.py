@@ -6,6 +6,9 @@ The config keys (section ``model`` of the training YAML) and their defaults are
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 from torch import nn
 
@@ -43,7 +46,7 @@ ENCODER_SIZE_KEYS = (
     "dim_feedforward",
     "max_len",
 )
-TREES = ("balanced", "kmeans", "huffman")
+TREES = ("balanced", "kmeans", "huffman", "cooccurrence")  # or a tree file
 
 MODEL_DEFAULTS: dict = {
     "loc_emb_dim": 48,
@@ -99,12 +102,35 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
 
     * ``balanced``: :meth:`Tree.balanced` (consecutive ids grouped; ``arity`` 2 = binary);
     * ``kmeans``: :func:`hsoftmax.trees.from_features` on the locations' lat/lon (projected to km),
-      ``branching`` clusters per level (128: root -> 128 clusters -> locations);
-    * ``huffman``: :func:`hsoftmax.trees.huffman` on the training targets' counts.
+      ``branching`` clusters per level (128: root -> 128 clusters -> locations); data without
+      coordinates falls back to ``huffman``, with a warning;
+    * ``huffman``: :func:`hsoftmax.trees.huffman` on the training targets' counts;
+    * ``cooccurrence``: :func:`hsoftmax.trees.from_cooccurrence` on the training transitions
+      (last history location -> target), ``branching`` clusters per level;
+    * a path to a tree file (``hsoftmax tree build``, :meth:`Tree.save`), checked against V.
     """
     v = data.n_locations
     if method == "balanced":
         return Tree.balanced(v, arity)
+    if method == "kmeans" and not data.has_coordinates:
+        warnings.warn(
+            "model.tree 'kmeans' needs location coordinates and this data has none (e.g. MHSA "
+            "pickles without a trackintel locations.csv beside them): using a huffman tree",
+            stacklevel=2,
+        )
+        method = "huffman"
+    if method == "cooccurrence":
+        import scipy.sparse as sp
+
+        s = data.train
+        last = np.asarray(s.last_loc, dtype=np.int64)
+        y = np.asarray(s.y, dtype=np.int64)
+        transitions = sp.coo_matrix((np.ones(y.size), (last, y)), shape=(v, v)).tocsr()
+        if isinstance(branching, list | int):
+            branching = (branching,) if isinstance(branching, int) else tuple(branching)
+        return trees.from_cooccurrence(transitions, branching=branching, seed=seed)
+    if method not in TREES:
+        return _tree_from_file(method, v)
     if method == "kmeans":
         if isinstance(branching, list):
             branching = tuple(branching)
@@ -115,6 +141,20 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
         counts = np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v)
         return trees.huffman(counts, arity)
     raise ValueError(f"model.tree must be one of {TREES}, got {method!r}")
+
+
+def _tree_from_file(path: str, v: int) -> Tree:
+    if not Path(path).is_file():
+        raise ValueError(f"model.tree must be one of {TREES} or a tree file; no file {path}")
+    tree = Tree.load(path)  # a damaged file raises ValueError naming it
+    if tree.num_leaves != v:
+        raise ValueError(
+            f"{path}: the tree has {tree.num_leaves} leaves but the data has V = {v} location ids "
+            "(padding 0 and unseen 1 included); build it for this data with `hsoftmax tree build "
+            "--method kmeans --features <data dir>/locations.csv --data <data dir>` or pass "
+            "--num-leaves V"
+        )
+    return tree
 
 
 def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:

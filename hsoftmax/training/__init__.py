@@ -22,6 +22,7 @@ from .config import (
 from .data import load_data
 from .evaluate import evaluate_model, evaluate_run
 from .loop import RunResult, epoch_batches, improves, make_optimizer, train, train_step
+from .predict import load_run, predict_run
 
 __all__ = [
     "DEFAULTS",
@@ -38,6 +39,8 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_data",
+    "load_run",
+    "predict_run",
     "make_optimizer",
     "packaged_config_path",
     "set_rng_state",

@@ -49,6 +49,10 @@ class DataConfig:
     path: str | None = None
     cache_dir: str | None = None  # preset cache (default ~/.cache/hsoftmax/data)
     max_len: int | None = None  # keep only the most recent max_len history stays
+    # samples from staypoints (MHSA protocol); with MHSA pickles previous_day picks the variant
+    previous_day: int | None = None  # history window in days (default 7)
+    min_history: int | None = None  # fewest history stays of a sample (default 3)
+    split: str | None = None  # "0.6,0.2,0.2": train/validation/test per user by day
 
 
 @dataclass
@@ -284,10 +288,12 @@ _RANGES = (
         'an int >= 2, a list of them, or "binary"',
     ),
     ("model.head", lambda x: x in HEADS, f"one of {HEADS}"),
-    ("model.tree", lambda x: x in TREES, f"one of {TREES}"),
+    ("model.tree", lambda x: x in TREES or Path(x).is_file(), f"one of {TREES} or a tree file"),
     ("model.history", lambda x: x in HISTORY_KINDS, f"one of {HISTORY_KINDS}"),
     ("model.smoothing", lambda x: x in SMOOTHING_MODES, "'leaves' or 'nodes'"),
     ("data.max_len", _positive, "a positive int or null"),
+    ("data.previous_day", _positive, "a positive int or null"),
+    ("data.min_history", _positive, "a positive int or null"),
     *(
         (f"train.{k}", _positive, "a positive int")
         for k in ("epochs", "batch_size", "eval_batch_size", "early_stopping_patience")

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hsoftmax.data import MobilityDataset, collate
@@ -70,7 +71,9 @@ def evaluate_model(
     return out
 
 
-def final_test(model, test_set, cfg: dict, device, run_dir: Path, progress: bool) -> dict:
+def final_test(
+    model, test_set, cfg: dict, device, run_dir: Path, progress: bool, user_ids=None
+) -> dict:
     """Test the (best) model; write ``test_table.md``, ``per_user.csv`` and, last,
     ``test_metrics.json``."""
     tcfg = cfg["train"]
@@ -86,6 +89,8 @@ def final_test(model, test_set, cfg: dict, device, run_dir: Path, progress: bool
     test = {**res["metrics"], "nll": res["nll"]}
     atomic_write_text(run_dir / "test_table.md", format_table({"test": test}) + "\n")
     per_user = per_user_metrics(res["ranks"], res["top"], res["y"], res["user"])
+    if user_ids is not None and len(user_ids):  # the data's original user ids
+        per_user["user"] = np.asarray(user_ids)[per_user["user"].to_numpy()]
     atomic_write_text(
         run_dir / "per_user.csv",
         per_user.to_csv(index=False, float_format="%.4f", lineterminator="\n"),

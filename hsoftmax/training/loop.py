@@ -140,6 +140,8 @@ def train(
     if data is None:
         data = load_data(cfg["data"], progress=progress)
     data_seconds = time.perf_counter() - t0
+    if cfg["data"]["path"] and getattr(data, "path", None):
+        cfg["data"]["path"] = str(data.path)  # absolute: evaluate/predict work from anywhere
     sets = {
         split: MobilityDataset(samples, max_len=cfg["data"]["max_len"])
         for split, samples in data.splits.items()
@@ -210,7 +212,9 @@ def train(
         if state.best_model is not None:
             model.load_state_dict(state.best_model)
         plot_history(run_dir, state.history)
-        test = final_test(model, sets["test"], cfg, device, run_dir, progress)
+        test = final_test(
+            model, sets["test"], cfg, device, run_dir, progress, getattr(data, "user_ids", None)
+        )
         say(f"test ({len(sets['test'])} samples, best epoch {state.early['best_epoch']}):")
         say(format_table({"test": test}))
         say(f"run directory: {run_dir}")
