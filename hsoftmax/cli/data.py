@@ -41,18 +41,17 @@ def _synth(args) -> int:
 
 
 def _samples(args) -> int:
-    from hsoftmax.data.samples import build_samples
-    from hsoftmax.data.staypoints import read_locations, read_staypoints
+    # the loader `hsoftmax train --data` uses, with the same options
+    from hsoftmax.data.sources import find_staypoint_files, load_staypoints
 
-    sp = read_staypoints(args.staypoints, tz=args.tz)
-    locs = read_locations(args.locations) if args.locations else None
-    data = build_samples(
-        sp,
+    locations = args.locations or find_staypoint_files(Path(args.staypoints).parent)[1]
+    data = load_staypoints(
+        args.staypoints,
+        locations,
         split=tuple(args.split),
         previous_day=args.previous_day,
         min_history=args.min_history,
-        locations=locs,
-        source=str(args.staypoints),
+        tz=args.tz,
         progress=not args.no_progress,
     )
     paths = data.write_mhsa(args.out, prefix=args.prefix)
@@ -118,7 +117,11 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("samples", help="build MHSA sample pickles from a staypoint CSV")
     p.add_argument("--staypoints", required=True, help="staypoint CSV (trackintel columns)")
-    p.add_argument("--locations", help="optional location CSV (id, lat, lon or WKT center)")
+    p.add_argument(
+        "--locations",
+        help="location CSV (id, lat, lon or WKT center; default: locations.csv beside the "
+        "staypoints, as with `hsoftmax train --data`)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--prefix", default="", help="file name prefix of the outputs")
     p.add_argument(

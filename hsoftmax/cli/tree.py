@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -94,15 +95,12 @@ def _build(args) -> int:
             raise InputError("--method huffman needs --counts FILE")
         tree = trees.huffman(counts, arity=args.arity)
     elif args.method == "kmeans":
-        if not args.features:
-            raise InputError("--method kmeans needs --features FILE")
-        columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
-        features = read_features(args.features, columns)
+        features, coords = _kmeans_features(args)
         tree = trees.from_features(
             features,
             branching=args.branching if args.branching is not None else (128,),
             seed=args.seed,
-            coords=None if args.coords == "euclidean" else args.coords,
+            coords=coords,
             max_children=args.max_children,
             progress=progress,
         )
@@ -132,6 +130,32 @@ def _build(args) -> int:
         print(f"{args.method} tree built in {seconds:.2f} s -> {args.out}")
         print(format_stats(stats))
     return 0
+
+
+def _kmeans_features(args):
+    """The k-means input: the data's whole vocabulary (``--data DIR``: one leaf per model class,
+    padding and unseen ids included), a trackintel location file (WKT ``center``), or a table."""
+    coords = None if args.coords == "euclidean" else args.coords
+    if args.data:
+        from hsoftmax.data import load_dir
+        from hsoftmax.data.staypoints import vocabulary_coordinates
+
+        data = load_dir(args.data, previous_day=args.previous_day, progress=False)
+        latlon = vocabulary_coordinates(data.locations, data.n_locations, str(args.data))
+        return latlon, "latlon"
+    if not args.features:
+        raise InputError("--method kmeans needs --features FILE or --data DIR")
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    if columns is None and Path(args.features).suffix.lower() == ".csv":
+        import pandas as pd
+
+        header = pd.read_csv(args.features, nrows=0).columns
+        if {"center", "geom", "geometry"} & set(header):  # a trackintel location file
+            from hsoftmax.data import read_locations
+
+            locs = read_locations(args.features)
+            return locs[["lat", "lon"]].to_numpy(), "latlon"
+    return read_features(args.features, columns), coords
 
 
 def _len_or_none(counts):
@@ -173,7 +197,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output tree file (e.g. tree.hst)")
     p.add_argument("--num-leaves", type=int, help="V (balanced; checked against inputs)")
     p.add_argument("--counts", help="leaf counts (.npy or one per line): huffman input; stats")
-    p.add_argument("--features", help="kmeans: per-leaf features (.npy or CSV)")
+    p.add_argument(
+        "--features",
+        help="kmeans: per-leaf features (.npy or CSV, or a trackintel locations.csv: its rows)",
+    )
+    p.add_argument(
+        "--data",
+        help="kmeans: a data directory (as `hsoftmax train --data`): one leaf per location id of "
+        "its vocabulary, coordinates from its locations.csv; the tree fits model.tree=FILE",
+    )
+    p.add_argument("--previous-day", type=int, help="with --data: the MHSA variant / window")
     p.add_argument("--columns", help="kmeans: CSV columns to use, e.g. lat,lon")
     p.add_argument(
         "--coords",

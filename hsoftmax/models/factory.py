@@ -78,9 +78,9 @@ class ParameterBudgetError(ValueError):
     """The model has more parameters than the configured budget."""
 
 
-def _location_coords(data) -> np.ndarray:
+def _location_coords(data) -> np.ndarray | None:
     """(V, 2) lat/lon per encoded id; ids without coordinates (padding, unseen, missing) get the
-    mean position, so they sit in some central cluster."""
+    mean position, so they sit in some central cluster. None when no id has coordinates."""
     v = data.n_locations
     coords = np.full((v, 2), np.nan)
     locs = data.locations
@@ -89,10 +89,7 @@ def _location_coords(data) -> np.ndarray:
         coords[ids] = locs[["lat", "lon"]].to_numpy(np.float64)
     known = np.isfinite(coords).all(1)
     if not known.any():
-        raise ValueError(
-            "model.tree 'kmeans' needs location coordinates and the data has none (MHSA pickles "
-            "without a vocab_locations.csv); use model.tree=huffman or balanced"
-        )
+        return None
     coords[~known] = coords[known].mean(0)
     return coords
 
@@ -112,7 +109,8 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
     v = data.n_locations
     if method == "balanced":
         return Tree.balanced(v, arity)
-    if method == "kmeans" and not data.has_coordinates:
+    coords = _location_coords(data) if method == "kmeans" else None
+    if method == "kmeans" and coords is None:
         warnings.warn(
             "model.tree 'kmeans' needs location coordinates and this data has none (e.g. MHSA "
             "pickles without a trackintel locations.csv beside them): using a huffman tree",
@@ -134,9 +132,7 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
     if method == "kmeans":
         if isinstance(branching, list):
             branching = tuple(branching)
-        return trees.from_features(
-            _location_coords(data), branching=branching, seed=seed, coords="latlon"
-        )
+        return trees.from_features(coords, branching=branching, seed=seed, coords="latlon")
     if method == "huffman":
         counts = np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v)
         return trees.huffman(counts, arity)
@@ -150,9 +146,8 @@ def _tree_from_file(path: str, v: int) -> Tree:
     if tree.num_leaves != v:
         raise ValueError(
             f"{path}: the tree has {tree.num_leaves} leaves but the data has V = {v} location ids "
-            "(padding 0 and unseen 1 included); build it for this data with `hsoftmax tree build "
-            "--method kmeans --features <data dir>/locations.csv --data <data dir>` or pass "
-            "--num-leaves V"
+            "(padding 0 and unseen 1 included); build one for this data with `hsoftmax tree build "
+            "--method kmeans --data <data dir> --out tree.hst`"
         )
     return tree
 
