@@ -40,8 +40,12 @@ def staypoint_dir(trackintel_frames, tmp_path):  # noqa: F811 (the imported fixt
     return _write_trackintel(full, locs, tmp_path / "geolife_sp")
 
 
-def test_trackintel_staypoints_train_predict_evaluate(  # noqa: F811 (the imported fixture)
-    staypoint_dir, trackintel_frames, tmp_path, monkeypatch, capsys
+def test_trackintel_staypoints_train_predict_evaluate(
+    staypoint_dir,
+    trackintel_frames,  # noqa: F811 (the imported fixture)
+    tmp_path,
+    monkeypatch,
+    capsys,
 ):
     full, _, clean = trackintel_frames
     run = _train(
