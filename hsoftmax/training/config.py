@@ -55,27 +55,15 @@ class DataConfig:
     split: str | None = None  # "0.6,0.2,0.2": train/validation/test per user by day
 
 
-@dataclass
-class ModelConfig:
-    loc_emb_dim: int = MODEL_DEFAULTS["loc_emb_dim"]
-    user_emb_dim: int = MODEL_DEFAULTS["user_emb_dim"]
-    time_emb_dim: int = MODEL_DEFAULTS["time_emb_dim"]
-    weekday_emb_dim: int = MODEL_DEFAULTS["weekday_emb_dim"]
-    duration_emb_dim: int = MODEL_DEFAULTS["duration_emb_dim"]
-    diff_emb_dim: int = MODEL_DEFAULTS["diff_emb_dim"]
-    d_model: int = MODEL_DEFAULTS["d_model"]
-    num_layers: int = MODEL_DEFAULTS["num_layers"]
-    nhead: int = MODEL_DEFAULTS["nhead"]
-    dim_feedforward: int = MODEL_DEFAULTS["dim_feedforward"]
-    dropout: float = MODEL_DEFAULTS["dropout"]
-    max_len: int = MODEL_DEFAULTS["max_len"]
-    head: str = MODEL_DEFAULTS["head"]  # hsoftmax | dense
-    tree: str = MODEL_DEFAULTS["tree"]  # balanced | kmeans | huffman
-    tree_arity: int = MODEL_DEFAULTS["tree_arity"]  # balanced and huffman trees
-    tree_branching: Any = MODEL_DEFAULTS["tree_branching"]  # int, list of ints, or "binary"
-    tree_seed: int = MODEL_DEFAULTS["tree_seed"]
-    history: str = MODEL_DEFAULTS["history"]  # none | mixture | logit_add (dense only)
-    smoothing: str = MODEL_DEFAULTS["smoothing"]  # leaves | nodes
+# The model section is the model factory's defaults, typed by their values (``tree_branching``
+# is an int, a list of ints or "binary": checked in _RANGES).
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [
+        (key, Any if key == "tree_branching" else type(value), field(default=value))
+        for key, value in MODEL_DEFAULTS.items()
+    ],
+)
 
 
 @dataclass
