@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -443,3 +444,46 @@ def test_mhsa_pickles_equal_our_samples_from_the_same_staypoints(
                 np.concatenate([a[i][k] for i in range(len(a))]),
                 np.concatenate([b[i][k] for i in range(len(b))]),
             )
+
+
+# ------------------------------------------------------- real Geolife data (see tests/data/geolife)
+
+GEOLIFE = Path(__file__).parent / "data" / "geolife"
+
+
+def test_real_geolife_staypoints(caplog):
+    raw = pd.read_csv(GEOLIFE / "staypoints.csv")
+    n_noise = int(raw["location_id"].isna().sum())
+    n_inactive = int((~raw["is_activity"] & raw["location_id"].notna()).sum())
+    assert n_noise > 0 and n_inactive > 0
+    with caplog.at_level(logging.INFO, logger="hsoftmax.data"):
+        data = load_dir(GEOLIFE, previous_day=1, split="0.6,0.2,0.2", progress=False)
+    assert any(
+        f"{n_noise} DBSCAN noise (empty location_id), {n_inactive} more not activities"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    assert all(len(s) > 0 for s in data.splits.values())
+    assert set(data.user_ids[1:]) <= set(raw["user_id"])
+    # every history stay is an activity stay of that user at that original location
+    kept = raw[raw["is_activity"] & raw["location_id"].notna()]
+    pairs = set(zip(kept["user_id"], kept["location_id"].astype(int), strict=True))
+    s = data.train
+    for u, loc in zip(data.user_ids[s.user], data.location_ids[s.loc], strict=True):
+        assert (u, loc) in pairs
+    # coordinates: the WKT center of each location's original id
+    centers = pd.read_csv(GEOLIFE / "locations.csv").drop_duplicates("id").set_index("id")
+    lonlat = centers["center"].str.extract(r"POINT \(([-0-9.]+) ([-0-9.]+)\)").astype(float)
+    xy = data.coordinates()
+    for k in range(2, data.n_locations):
+        lon, lat = lonlat.loc[data.location_ids[k]]
+        assert xy[k] == pytest.approx([lat, lon])
+
+
+def test_real_geolife_too_short_for_a_week_of_history():
+    with pytest.raises(
+        DataFormatError,
+        match=r"staypoints\.csv: no user has samples in all three splits \(previous_day=7, "
+        r"min_history=3, split=\(0\.6, 0\.2, 0\.2\)\)",
+    ):
+        load_dir(GEOLIFE, previous_day=7, split="0.6,0.2,0.2", progress=False)

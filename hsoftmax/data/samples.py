@@ -513,7 +513,9 @@ def build_samples(
     if not keep_user.any():
         raise DataFormatError(
             f"{source}: no user has samples in all three splits (previous_day={previous_day}, "
-            f"min_history={min_history}, split={split})"
+            f"min_history={min_history}, split={split}); each split of a user must span more "
+            "than previous_day tracked days: lower data.previous_day or data.min_history, or "
+            "change data.split"
         )
     kept = keep_user[ucode[order]]
     n_not_target = int((~valid & kept).sum())
