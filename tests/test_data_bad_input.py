@@ -371,3 +371,18 @@ def test_vocabulary_coordinates_errors():
         vocabulary_coordinates(empty, 5)
     xy = vocabulary_coordinates(table.iloc[:1], 4)
     assert xy.shape == (4, 2) and np.all(xy == [1.0, 3.0])
+
+
+def test_bad_id_map_files(tmp_path):
+    from hsoftmax.data.samples import load_id_maps
+
+    (tmp_path / "vocab_locations.csv").write_text("loc,id,lat,lon\n2,10,1.0,2.0\n7,11,1.0,2.0\n")
+    (tmp_path / "vocab_users.csv").write_text("user,id\n1,101\n")
+    with pytest.raises(
+        DataFormatError,
+        match=r"vocab_locations\.csv: row 1: loc '7' is not an encoded id in \[1, 4\)",
+    ):
+        load_id_maps(tmp_path, n_locations=4)
+    (tmp_path / "vocab_users.csv").write_text("who,id\n1,101\n")
+    with pytest.raises(DataFormatError, match=r"vocab_users\.csv: needs columns 'user' and 'id'"):
+        load_id_maps(tmp_path, n_locations=8)

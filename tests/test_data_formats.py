@@ -29,9 +29,14 @@ import pytest
 from sklearn.preprocessing import OrdinalEncoder
 
 from hsoftmax.data.mhsa import load_mhsa_dir
-from hsoftmax.data.samples import MobilityData
+from hsoftmax.data.samples import MobilityData, load_id_maps, save_id_maps
 from hsoftmax.data.sources import load_dir, parse_split
-from hsoftmax.data.staypoints import DataFormatError, read_locations
+from hsoftmax.data.staypoints import (
+    DataFormatError,
+    locations_to_vocabulary,
+    read_locations,
+    vocabulary_coordinates,
+)
 from hsoftmax.data.synthetic import generate
 
 SPLIT = (0.6, 0.2, 0.2)
@@ -309,6 +314,14 @@ def test_saved_data_keeps_maps_and_path(trackintel_frames, tmp_path):
     np.testing.assert_array_equal(again.user_ids, data.user_ids)
     assert again.info["original_user_ids"] and again.info["original_location_ids"]
     np.testing.assert_allclose(again.coordinates(), data.coordinates())
+    # the id maps alone, as a run directory keeps them
+    save_id_maps(data, tmp_path / "run")
+    loc_ids, user_ids, table = load_id_maps(tmp_path / "run", data.n_locations)
+    np.testing.assert_array_equal(loc_ids[2:], data.location_ids[2:])
+    np.testing.assert_array_equal(user_ids, data.user_ids)
+    # a trackintel locations.csv matched to the vocabulary gives the same features
+    vocab = locations_to_vocabulary(read_locations(d / "locations.csv"), loc_ids)
+    np.testing.assert_allclose(vocabulary_coordinates(vocab, len(loc_ids)), data.coordinates())
 
 
 # ------------------------------------------------------------------------------------------ MHSA

@@ -39,6 +39,7 @@ __all__ = [
     "validate_staypoints",
     "add_time_features",
     "vocabulary_coordinates",
+    "locations_to_vocabulary",
 ]
 
 logger = logging.getLogger("hsoftmax.data")
@@ -344,6 +345,26 @@ def read_locations(path: str | os.PathLike) -> pd.DataFrame:
             )
         out = out[~dup]
     return out.sort_values("id").reset_index(drop=True)
+
+
+def locations_to_vocabulary(locations: pd.DataFrame, location_ids: np.ndarray) -> pd.DataFrame:
+    """Match a location table (``id``, ``lat``, ``lon`` in original ids, as
+    :func:`read_locations` returns) to a vocabulary.
+
+    ``location_ids[k]`` is the original id of encoded id ``k`` (-1 where none, as for padding and
+    unseen).  Returns ``loc``, ``id``, ``lat``, ``lon`` for the encoded ids ``2..V-1``; ids the
+    table lacks get NaN coordinates (:func:`vocabulary_coordinates` fills them with the mean).
+    """
+    ids = np.asarray(location_ids, dtype=np.int64)[2:]
+    table = locations.drop_duplicates("id").set_index("id")
+    known = np.isin(ids, table.index.to_numpy()) & (ids >= 0)
+    lat = np.full(len(ids), np.nan)
+    lon = np.full(len(ids), np.nan)
+    lat[known] = table.loc[ids[known], "lat"].to_numpy()
+    lon[known] = table.loc[ids[known], "lon"].to_numpy()
+    return pd.DataFrame(
+        {"loc": np.arange(2, len(ids) + 2, dtype=np.int64), "id": ids, "lat": lat, "lon": lon}
+    )
 
 
 def vocabulary_coordinates(
