@@ -386,3 +386,31 @@ def test_bad_id_map_files(tmp_path):
     (tmp_path / "vocab_users.csv").write_text("who,id\n1,101\n")
     with pytest.raises(DataFormatError, match=r"vocab_users\.csv: needs columns 'user' and 'id'"):
         load_id_maps(tmp_path, n_locations=8)
+
+
+def test_own_samples_dir_with_broken_companions(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from hsoftmax.data.samples import load_preset
+
+    data = load_preset("small", seed=0, cache_dir=tmp_path / "cache", progress=False)
+    d = tmp_path / "mhsa"
+    data.write_mhsa(d)
+    assert load_dir(d, progress=False).n_locations == data.n_locations
+    vocab = pd.read_csv(d / "vocab_locations.csv")
+    vocab.drop(columns=["loc"]).to_csv(d / "vocab_locations.csv", index=False)
+    with pytest.raises(
+        DataFormatError, match=r"vocab_locations\.csv: missing column\(s\) \['loc'\]"
+    ):
+        load_dir(d, progress=False)
+    vocab.assign(loc=vocab["loc"] + data.n_locations).to_csv(d / "vocab_locations.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"row 0: loc \d+ is not a location id in \[0, "):
+        load_dir(d, progress=False)
+    vocab.to_csv(d / "vocab_locations.csv", index=False)
+    (d / "meta.json").write_text(json.dumps({"n_locations": 3}))
+    with pytest.raises(
+        DataFormatError, match=r"train\.pk: sample \d+ key '(X|Y)' has value \d+ out"
+    ):
+        load_dir(d, progress=False)

@@ -500,3 +500,27 @@ def test_real_geolife_too_short_for_a_week_of_history():
         r"min_history=3, split=\(0\.6, 0\.2, 0\.2\)\)",
     ):
         load_dir(GEOLIFE, previous_day=7, split="0.6,0.2,0.2", progress=False)
+
+
+class _Point:
+    """Stands in for a shapely Point of a trackintel GeoDataFrame (``.x`` lon, ``.y`` lat)."""
+
+    def __init__(self, wkt: str):
+        self.x, self.y = (float(v) for v in wkt[wkt.index("(") + 1 : -1].split())
+
+
+def test_trackintel_frame_in_memory_equals_its_csv(trackintel_frames, tmp_path):
+    from hsoftmax.data.staypoints import read_staypoints, validate_staypoints
+
+    full, locs, _ = trackintel_frames
+    d = _write_trackintel(full, locs, tmp_path / "ti")
+    frame = full.assign(geom=[_Point(w) for w in full["geom"]])  # tz-aware, Int64, bool as held
+    a = validate_staypoints(frame, source="frame")
+    b = read_staypoints(d / "staypoints.csv")
+    pd.testing.assert_frame_equal(a, b)
+    bad = frame.assign(user_id=frame["user_id"].astype(float))
+    bad.loc[bad.index[3], "user_id"] = 1.5
+    with pytest.raises(
+        DataFormatError, match=r"frame: column 'user_id' must hold integers; .*1\.5"
+    ):
+        validate_staypoints(bad, source="frame")

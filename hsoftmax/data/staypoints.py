@@ -66,6 +66,12 @@ def _lines(index: np.ndarray) -> str:
     return f"line{'s' if len(index) > 1 else ''} {shown}{more}"
 
 
+def _show(value) -> str:
+    """A cell for an error message: numpy scalars shown as plain Python values (``5.5``, not
+    ``np.float64(5.5)``), text quoted."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _int_column(
     df: pd.DataFrame, col: str, source: str, rows: np.ndarray | None = None
 ) -> np.ndarray:
@@ -78,7 +84,7 @@ def _int_column(
     num = pd.to_numeric(raw, errors="coerce")
     bad = np.nonzero((num.isna() | (num != np.floor(num))).to_numpy())[0]
     if len(bad):
-        vals = ", ".join(repr(raw.iloc[i]) for i in bad[:_SHOW])
+        vals = ", ".join(_show(raw.iloc[i]) for i in bad[:_SHOW])
         raise DataFormatError(
             f"{source}: column {col!r} must hold integers; {_lines(rows[bad])}: {vals}"
         )
@@ -107,7 +113,7 @@ def _activity_flags(raw: pd.Series, source: str) -> np.ndarray:
     if len(bad):
         raise DataFormatError(
             f"{source}: column 'is_activity' must hold True/False; {_lines(bad)}: "
-            + ", ".join(repr(raw.iloc[i]) for i in bad[:_SHOW])
+            + ", ".join(_show(raw.iloc[i]) for i in bad[:_SHOW])
         )
     return is_true
 
@@ -137,7 +143,7 @@ def _parse_times(
         ts = ts.dt.tz_convert(tz).dt.tz_localize(None)
     bad = np.nonzero(ts.isna().to_numpy())[0]
     if len(bad):
-        vals = ", ".join(repr(text.iloc[i]) for i in bad[:_SHOW])
+        vals = ", ".join(_show(text.iloc[i]) for i in bad[:_SHOW])
         raise DataFormatError(
             f"{source}: column {col!r} has unparseable timestamps on {_lines(rows[bad])}: {vals}"
         )
@@ -154,7 +160,7 @@ def _points_from_wkt(
     m = raw.astype(str).str.extract(_WKT_POINT)
     bad = np.nonzero(m[0].isna().to_numpy())[0]
     if len(bad):
-        vals = ", ".join(repr(raw.iloc[i]) for i in bad[:_SHOW])
+        vals = ", ".join(_show(raw.iloc[i]) for i in bad[:_SHOW])
         raise DataFormatError(
             f"{source}: column {col!r} must hold WKT points 'POINT (lon lat)'; "
             f"{_lines(rows[bad])}: {vals}"
@@ -175,7 +181,7 @@ def _coords(
             if len(bad):
                 raise DataFormatError(
                     f"{source}: column {col!r} must hold numbers; {_lines(rows[bad])}: "
-                    + ", ".join(repr(df[col].iloc[i]) for i in bad[:_SHOW])
+                    + ", ".join(_show(df[col].iloc[i]) for i in bad[:_SHOW])
                 )
             out.append(v.to_numpy(dtype=np.float64))
         lat, lon = out
