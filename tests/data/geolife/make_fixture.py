@@ -6,8 +6,10 @@ Input: the ``tests/data/geolife_long_10_MB`` folder of a trackintel checkout
 
     python tests/data/geolife/make_fixture.py PATH/TO/trackintel/tests/data/geolife_long_10_MB
 
-The steps are those of trackintel 1.4 with the parameters the MHSA preprocessing passes, written
-out with numpy/pandas/scikit-learn so that trackintel is not needed:
+The steps are those of trackintel 1.4, written out with numpy/pandas/scikit-learn so that
+trackintel is not needed.  Parameters: trackintel's default sliding window (100 m, 5 min, so that
+short non-activity stops exist; MHSA uses 200 m, 30 min) with MHSA's 24 h gap, MHSA's 25 min
+activity threshold, and DBSCAN at 50 m with 2 samples (the default of MHSA's ``get_dataset``):
 
 1. ``read_geolife``: fixes in UTC, altitude feet -> metres.
 2. ``generate_staypoints(method="sliding", dist_threshold=100, time_threshold=5,
