@@ -357,7 +357,8 @@ def test_mhsa_pickles_as_written_load(mhsa_dir):
 def test_mhsa_coordinates_matched_by_original_id(mhsa_dir, trackintel_frames):
     d, enc, _ = mhsa_dir
     _, locs, _ = trackintel_frames
-    data = load_dir(d / "temp", previous_day=14, progress=False)
+    data = load_dir(d, previous_day=14, progress=False)  # MHSA's data/ folder: reads data/temp
+    assert data.path == str((d / "temp").resolve())
     assert data.info["variant"] == "geolife_transformer_14"
     assert data.has_coordinates and "matched by original location id" in data.info["coordinates"]
     first = locs[~locs.index.duplicated()]

@@ -141,8 +141,9 @@ def load_dir(
     """Load the samples of a data directory (or of a staypoint CSV file).
 
     Args:
-        path: a directory with ``staypoints.csv`` [+ ``locations.csv``] or MHSA pickles; or a
-            staypoint CSV file (its directory's ``locations.csv`` is used when present).
+        path: a directory with ``staypoints.csv`` [+ ``locations.csv``] or MHSA pickles (also
+            in its ``temp/`` folder, the MHSA code's layout); or a staypoint CSV file (its
+            directory's ``locations.csv`` is used when present).
         previous_day: history window in days (staypoints; default 7) or the MHSA variant to
             choose (pickles; needed when several are present).
         min_history: minimum history stays of a sample (staypoints only; default 3).
@@ -188,6 +189,10 @@ def load_dir(
         return load_staypoints(
             sp, locs, previous_day=previous_day, min_history=min_history, split=split, **opts
         )
+    if not variants and (p / "temp").is_dir() and find_mhsa_variants(p / "temp"):
+        # the MHSA code's own layout: tables in data/, pickles in data/temp/
+        logger.info("%s: reading the MHSA pickles in %s", p, p / "temp")
+        p, variants = p / "temp", find_mhsa_variants(p / "temp")
     if variants:
         if min_history is not None:
             logger.info("%s: min_history applies to staypoints, not to MHSA pickles", p)
