@@ -414,3 +414,11 @@ def test_own_samples_dir_with_broken_companions(tmp_path):
         DataFormatError, match=r"train\.pk: sample \d+ key '(X|Y)' has value \d+ out"
     ):
         load_dir(d, progress=False)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "seven", True])
+def test_load_dir_previous_day_and_min_history_checked(tmp_path, value):
+    with pytest.raises(ValueError, match=rf"previous_day must be an integer >= 1, got {value!r}"):
+        load_dir(tmp_path, previous_day=value)
+    with pytest.raises(ValueError, match=rf"min_history must be an integer >= 1, got {value!r}"):
+        load_dir(tmp_path, min_history=value)

@@ -65,6 +65,19 @@ def parse_split(split) -> tuple[float, float, float]:
     return ratios
 
 
+def _positive_int(name: str, value) -> int | None:
+    """``value`` as an int >= 1 (None stays None); ``"7"`` and ``7.0`` are accepted."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number >= 1 or number != int(number):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(number)
+
+
 def _one(d: Path, exact: str, pattern: str, exclude: tuple[str, ...] = ()) -> Path | None:
     """``d/exact`` if it exists, else the single file matching ``pattern`` (none: None)."""
     if (d / exact).is_file():
@@ -167,10 +180,8 @@ def load_dir(
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data path {p} does not exist")
-    if previous_day is not None and (isinstance(previous_day, bool) or int(previous_day) < 1):
-        raise ValueError(f"previous_day must be an integer >= 1, got {previous_day!r}")
-    if min_history is not None and (isinstance(min_history, bool) or int(min_history) < 1):
-        raise ValueError(f"min_history must be an integer >= 1, got {min_history!r}")
+    previous_day = _positive_int("previous_day", previous_day)
+    min_history = _positive_int("min_history", min_history)
     opts = {"tz": tz, "activities_only": activities_only, "progress": progress}
     if p.is_file():
         if p.suffix.lower() != ".csv":
