@@ -371,3 +371,54 @@ def test_vocabulary_coordinates_errors():
         vocabulary_coordinates(empty, 5)
     xy = vocabulary_coordinates(table.iloc[:1], 4)
     assert xy.shape == (4, 2) and np.all(xy == [1.0, 3.0])
+
+
+def test_bad_id_map_files(tmp_path):
+    from hsoftmax.data.samples import load_id_maps
+
+    (tmp_path / "vocab_locations.csv").write_text("loc,id,lat,lon\n2,10,1.0,2.0\n7,11,1.0,2.0\n")
+    (tmp_path / "vocab_users.csv").write_text("user,id\n1,101\n")
+    with pytest.raises(
+        DataFormatError,
+        match=r"vocab_locations\.csv: row 1: loc '7' is not an encoded id in \[1, 4\)",
+    ):
+        load_id_maps(tmp_path, n_locations=4)
+    (tmp_path / "vocab_users.csv").write_text("who,id\n1,101\n")
+    with pytest.raises(DataFormatError, match=r"vocab_users\.csv: needs columns 'user' and 'id'"):
+        load_id_maps(tmp_path, n_locations=8)
+
+
+def test_own_samples_dir_with_broken_companions(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from hsoftmax.data.samples import load_preset
+
+    data = load_preset("small", seed=0, cache_dir=tmp_path / "cache", progress=False)
+    d = tmp_path / "mhsa"
+    data.write_mhsa(d)
+    assert load_dir(d, progress=False).n_locations == data.n_locations
+    vocab = pd.read_csv(d / "vocab_locations.csv")
+    vocab.drop(columns=["loc"]).to_csv(d / "vocab_locations.csv", index=False)
+    with pytest.raises(
+        DataFormatError, match=r"vocab_locations\.csv: missing column\(s\) \['loc'\]"
+    ):
+        load_dir(d, progress=False)
+    vocab.assign(loc=vocab["loc"] + data.n_locations).to_csv(d / "vocab_locations.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"row 0: loc \d+ is not a location id in \[0, "):
+        load_dir(d, progress=False)
+    vocab.to_csv(d / "vocab_locations.csv", index=False)
+    (d / "meta.json").write_text(json.dumps({"n_locations": 3}))
+    with pytest.raises(
+        DataFormatError, match=r"train\.pk: sample \d+ key '(X|Y)' has value \d+ out"
+    ):
+        load_dir(d, progress=False)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "seven", True])
+def test_load_dir_previous_day_and_min_history_checked(tmp_path, value):
+    with pytest.raises(ValueError, match=rf"previous_day must be an integer >= 1, got {value!r}"):
+        load_dir(tmp_path, previous_day=value)
+    with pytest.raises(ValueError, match=rf"min_history must be an integer >= 1, got {value!r}"):
+        load_dir(tmp_path, min_history=value)

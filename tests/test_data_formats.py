@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,9 +29,14 @@ import pytest
 from sklearn.preprocessing import OrdinalEncoder
 
 from hsoftmax.data.mhsa import load_mhsa_dir
-from hsoftmax.data.samples import MobilityData
+from hsoftmax.data.samples import MobilityData, load_id_maps, save_id_maps
 from hsoftmax.data.sources import load_dir, parse_split
-from hsoftmax.data.staypoints import DataFormatError, read_locations
+from hsoftmax.data.staypoints import (
+    DataFormatError,
+    locations_to_vocabulary,
+    read_locations,
+    vocabulary_coordinates,
+)
 from hsoftmax.data.synthetic import generate
 
 SPLIT = (0.6, 0.2, 0.2)
@@ -308,6 +314,14 @@ def test_saved_data_keeps_maps_and_path(trackintel_frames, tmp_path):
     np.testing.assert_array_equal(again.user_ids, data.user_ids)
     assert again.info["original_user_ids"] and again.info["original_location_ids"]
     np.testing.assert_allclose(again.coordinates(), data.coordinates())
+    # the id maps alone, as a run directory keeps them
+    save_id_maps(data, tmp_path / "run")
+    loc_ids, user_ids, table = load_id_maps(tmp_path / "run", data.n_locations)
+    np.testing.assert_array_equal(loc_ids[2:], data.location_ids[2:])
+    np.testing.assert_array_equal(user_ids, data.user_ids)
+    # a trackintel locations.csv matched to the vocabulary gives the same features
+    vocab = locations_to_vocabulary(read_locations(d / "locations.csv"), loc_ids)
+    np.testing.assert_allclose(vocabulary_coordinates(vocab, len(loc_ids)), data.coordinates())
 
 
 # ------------------------------------------------------------------------------------------ MHSA
@@ -343,7 +357,8 @@ def test_mhsa_pickles_as_written_load(mhsa_dir):
 def test_mhsa_coordinates_matched_by_original_id(mhsa_dir, trackintel_frames):
     d, enc, _ = mhsa_dir
     _, locs, _ = trackintel_frames
-    data = load_dir(d / "temp", previous_day=14, progress=False)
+    data = load_dir(d, previous_day=14, progress=False)  # MHSA's data/ folder: reads data/temp
+    assert data.path == str((d / "temp").resolve())
     assert data.info["variant"] == "geolife_transformer_14"
     assert data.has_coordinates and "matched by original location id" in data.info["coordinates"]
     first = locs[~locs.index.duplicated()]
@@ -443,3 +458,70 @@ def test_mhsa_pickles_equal_our_samples_from_the_same_staypoints(
                 np.concatenate([a[i][k] for i in range(len(a))]),
                 np.concatenate([b[i][k] for i in range(len(b))]),
             )
+
+
+# ------------------------------------------------------- real Geolife data (see tests/data/geolife)
+
+GEOLIFE = Path(__file__).parent / "data" / "geolife"
+
+
+def test_real_geolife_staypoints(caplog):
+    raw = pd.read_csv(GEOLIFE / "staypoints.csv")
+    n_noise = int(raw["location_id"].isna().sum())
+    n_inactive = int((~raw["is_activity"] & raw["location_id"].notna()).sum())
+    assert n_noise > 0 and n_inactive > 0
+    with caplog.at_level(logging.INFO, logger="hsoftmax.data"):
+        data = load_dir(GEOLIFE, previous_day=1, split="0.4,0.3,0.3", progress=False)
+    assert any(
+        f"{n_noise} DBSCAN noise (empty location_id), {n_inactive} more not activities"
+        in r.getMessage()
+        for r in caplog.records
+    )
+    assert all(len(s) > 0 for s in data.splits.values())
+    assert set(data.user_ids[1:]) <= set(raw["user_id"]) and data.n_users > 2
+    # every history stay is an activity stay of that user at that original location
+    kept = raw[raw["is_activity"] & raw["location_id"].notna()]
+    pairs = set(zip(kept["user_id"], kept["location_id"].astype(int), strict=True))
+    s = data.train
+    for u, loc in zip(data.user_ids[s.user], data.location_ids[s.loc], strict=True):
+        assert (u, loc) in pairs
+    # coordinates: the WKT center of each location's original id
+    centers = pd.read_csv(GEOLIFE / "locations.csv").drop_duplicates("id").set_index("id")
+    lonlat = centers["center"].str.extract(r"POINT \(([-0-9.]+) ([-0-9.]+)\)").astype(float)
+    xy = data.coordinates()
+    for k in range(2, data.n_locations):
+        lon, lat = lonlat.loc[data.location_ids[k]]
+        assert xy[k] == pytest.approx([lat, lon])
+
+
+def test_real_geolife_too_short_for_a_week_of_history():
+    with pytest.raises(
+        DataFormatError,
+        match=r"staypoints\.csv: no user has samples in all three splits \(previous_day=7, "
+        r"min_history=3, split=\(0\.6, 0\.2, 0\.2\)\)",
+    ):
+        load_dir(GEOLIFE, previous_day=7, split="0.6,0.2,0.2", progress=False)
+
+
+class _Point:
+    """Stands in for a shapely Point of a trackintel GeoDataFrame (``.x`` lon, ``.y`` lat)."""
+
+    def __init__(self, wkt: str):
+        self.x, self.y = (float(v) for v in wkt[wkt.index("(") + 1 : -1].split())
+
+
+def test_trackintel_frame_in_memory_equals_its_csv(trackintel_frames, tmp_path):
+    from hsoftmax.data.staypoints import read_staypoints, validate_staypoints
+
+    full, locs, _ = trackintel_frames
+    d = _write_trackintel(full, locs, tmp_path / "ti")
+    frame = full.assign(geom=[_Point(w) for w in full["geom"]])  # tz-aware, Int64, bool as held
+    a = validate_staypoints(frame, source="frame")
+    b = read_staypoints(d / "staypoints.csv")
+    pd.testing.assert_frame_equal(a, b)
+    bad = frame.assign(user_id=frame["user_id"].astype(float))
+    bad.loc[bad.index[3], "user_id"] = 1.5
+    with pytest.raises(
+        DataFormatError, match=r"frame: column 'user_id' must hold integers; .*1\.5"
+    ):
+        validate_staypoints(bad, source="frame")

@@ -226,7 +226,7 @@ def _read_vocab_locations(path: Path, n_loc: int) -> pd.DataFrame:
     if bool(bad.any()):
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataFormatError(
-            f"{path}: row {row}: loc {table['loc'].iloc[row]!r} is not a location id in "
+            f"{path}: row {row}: loc {str(table['loc'].iloc[row])} is not a location id in "
             f"[0, {n_loc})"
         )
     return table.assign(loc=loc.astype(np.int64))

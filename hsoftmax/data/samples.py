@@ -54,6 +54,8 @@ __all__ = [
     "load_mhsa",
     "load_preset",
     "default_cache_dir",
+    "save_id_maps",
+    "load_id_maps",
 ]
 
 logger = logging.getLogger("hsoftmax.data")
@@ -388,20 +390,70 @@ class MobilityData:
             p = out / f"{prefix}{name}.pk"
             save_mhsa(s, p)
             paths.append(p)
-        p = out / f"{prefix}vocab_locations.csv"
-        self.locations.to_csv(p, index=False, lineterminator="\n")
-        paths.append(p)
-        p = out / f"{prefix}vocab_users.csv"
-        users = pd.DataFrame(
-            {"user": np.arange(1, len(self.user_ids), dtype=np.int64), "id": self.user_ids[1:]}
-        )
-        users.to_csv(p, index=False, lineterminator="\n")
-        paths.append(p)
+        paths += save_id_maps(self, out, prefix)
         p = out / f"{prefix}meta.json"
         meta = {"n_locations": self.n_locations, "n_users": self.n_users, "info": self.info}
         p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         paths.append(p)
         return paths
+
+
+def save_id_maps(data: MobilityData, out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Write the maps from encoded to original ids as plain CSV files (for a run directory, so
+    that outputs can use the original ids without pickles).
+
+    ``<prefix>vocab_locations.csv``: ``loc`` (encoded id 2..V-1), ``id`` (original id, -1 when
+    unknown), ``lat``, ``lon``; ``<prefix>vocab_users.csv``: ``user`` (encoded 1..n_users-1),
+    ``id`` (original).  Returns the two paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p_loc = out / f"{prefix}vocab_locations.csv"
+    data.locations.to_csv(p_loc, index=False, lineterminator="\n")
+    p_user = out / f"{prefix}vocab_users.csv"
+    users = pd.DataFrame(
+        {"user": np.arange(1, len(data.user_ids), dtype=np.int64), "id": data.user_ids[1:]}
+    )
+    users.to_csv(p_user, index=False, lineterminator="\n")
+    return [p_loc, p_user]
+
+
+def load_id_maps(
+    in_dir: str | os.PathLike, n_locations: int, prefix: str = ""
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Read what :func:`save_id_maps` wrote.
+
+    Returns ``(location_ids, user_ids, locations)``: ``location_ids[k]`` the original id of
+    encoded location ``k`` (length ``n_locations``; -1 for padding, unseen and unknown),
+    ``user_ids[u]`` the original id of encoded user ``u`` (-1 for 0), and the location table.
+    Raises :class:`DataFormatError` naming the file on a missing column or an id out of range.
+    """
+    d = Path(in_dir)
+    p_loc, p_user = d / f"{prefix}vocab_locations.csv", d / f"{prefix}vocab_users.csv"
+    out = []
+    for path, key, hi in ((p_loc, "loc", n_locations), (p_user, "user", None)):
+        try:
+            table = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise DataFormatError(f"{path}: not a readable CSV file ({e})") from None
+        if not {key, "id"} <= set(table.columns):
+            raise DataFormatError(
+                f"{path}: needs columns {key!r} and 'id'; found {list(table.columns)}"
+            )
+        enc = pd.to_numeric(table[key], errors="coerce")
+        top = hi if hi is not None else np.inf
+        bad = np.flatnonzero(~(enc.notna() & (enc == enc.round()) & (enc >= 1) & (enc < top)))
+        if len(bad):
+            cell = str(table[key].iloc[bad[0]])
+            raise DataFormatError(
+                f"{path}: row {int(bad[0])}: {key} {cell!r} is not an encoded id in [1, {top})"
+            )
+        size = hi if hi is not None else int(enc.max()) + 1 if len(enc) else 1
+        ids = np.full(size, -1, dtype=np.int64)
+        ids[enc.to_numpy(np.int64)] = pd.to_numeric(table["id"]).to_numpy(np.int64)
+        out.append((ids, table.assign(**{key: enc.astype(np.int64)})))
+    (location_ids, locations), (user_ids, _) = out
+    return location_ids, user_ids, locations
 
 
 def _split_of(day: np.ndarray, user_max_day: np.ndarray, split) -> np.ndarray:
@@ -513,7 +565,9 @@ def build_samples(
     if not keep_user.any():
         raise DataFormatError(
             f"{source}: no user has samples in all three splits (previous_day={previous_day}, "
-            f"min_history={min_history}, split={split})"
+            f"min_history={min_history}, split={split}); each split of a user must span more "
+            "than previous_day tracked days: lower data.previous_day or data.min_history, or "
+            "change data.split"
         )
     kept = keep_user[ucode[order]]
     n_not_target = int((~valid & kept).sum())

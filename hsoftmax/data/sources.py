@@ -65,6 +65,19 @@ def parse_split(split) -> tuple[float, float, float]:
     return ratios
 
 
+def _positive_int(name: str, value) -> int | None:
+    """``value`` as an int >= 1 (None stays None); ``"7"`` and ``7.0`` are accepted."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not number >= 1 or number != int(number):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(number)
+
+
 def _one(d: Path, exact: str, pattern: str, exclude: tuple[str, ...] = ()) -> Path | None:
     """``d/exact`` if it exists, else the single file matching ``pattern`` (none: None)."""
     if (d / exact).is_file():
@@ -141,8 +154,9 @@ def load_dir(
     """Load the samples of a data directory (or of a staypoint CSV file).
 
     Args:
-        path: a directory with ``staypoints.csv`` [+ ``locations.csv``] or MHSA pickles; or a
-            staypoint CSV file (its directory's ``locations.csv`` is used when present).
+        path: a directory with ``staypoints.csv`` [+ ``locations.csv``] or MHSA pickles (also
+            in its ``temp/`` folder, the MHSA code's layout); or a staypoint CSV file (its
+            directory's ``locations.csv`` is used when present).
         previous_day: history window in days (staypoints; default 7) or the MHSA variant to
             choose (pickles; needed when several are present).
         min_history: minimum history stays of a sample (staypoints only; default 3).
@@ -166,10 +180,8 @@ def load_dir(
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data path {p} does not exist")
-    if previous_day is not None and (isinstance(previous_day, bool) or int(previous_day) < 1):
-        raise ValueError(f"previous_day must be an integer >= 1, got {previous_day!r}")
-    if min_history is not None and (isinstance(min_history, bool) or int(min_history) < 1):
-        raise ValueError(f"min_history must be an integer >= 1, got {min_history!r}")
+    previous_day = _positive_int("previous_day", previous_day)
+    min_history = _positive_int("min_history", min_history)
     opts = {"tz": tz, "activities_only": activities_only, "progress": progress}
     if p.is_file():
         if p.suffix.lower() != ".csv":
@@ -191,6 +203,10 @@ def load_dir(
         return load_staypoints(
             sp, locs, previous_day=previous_day, min_history=min_history, split=split, **opts
         )
+    if not variants and (p / "temp").is_dir() and find_mhsa_variants(p / "temp"):
+        # the MHSA code's own layout: tables in data/, pickles in data/temp/
+        logger.info("%s: reading the MHSA pickles in %s", p, p / "temp")
+        p, variants = p / "temp", find_mhsa_variants(p / "temp")
     if variants:
         if min_history is not None:
             logger.info("%s: min_history applies to staypoints, not to MHSA pickles", p)

@@ -39,6 +39,7 @@ __all__ = [
     "validate_staypoints",
     "add_time_features",
     "vocabulary_coordinates",
+    "locations_to_vocabulary",
 ]
 
 logger = logging.getLogger("hsoftmax.data")
@@ -65,6 +66,12 @@ def _lines(index: np.ndarray) -> str:
     return f"line{'s' if len(index) > 1 else ''} {shown}{more}"
 
 
+def _show(value) -> str:
+    """A cell for an error message: numpy scalars shown as plain Python values (``5.5``, not
+    ``np.float64(5.5)``), text quoted."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _int_column(
     df: pd.DataFrame, col: str, source: str, rows: np.ndarray | None = None
 ) -> np.ndarray:
@@ -77,7 +84,7 @@ def _int_column(
     num = pd.to_numeric(raw, errors="coerce")
     bad = np.nonzero((num.isna() | (num != np.floor(num))).to_numpy())[0]
     if len(bad):
-        vals = ", ".join(repr(raw.iloc[i]) for i in bad[:_SHOW])
+        vals = ", ".join(_show(raw.iloc[i]) for i in bad[:_SHOW])
         raise DataFormatError(
             f"{source}: column {col!r} must hold integers; {_lines(rows[bad])}: {vals}"
         )
@@ -106,7 +113,7 @@ def _activity_flags(raw: pd.Series, source: str) -> np.ndarray:
     if len(bad):
         raise DataFormatError(
             f"{source}: column 'is_activity' must hold True/False; {_lines(bad)}: "
-            + ", ".join(repr(raw.iloc[i]) for i in bad[:_SHOW])
+            + ", ".join(_show(raw.iloc[i]) for i in bad[:_SHOW])
         )
     return is_true
 
@@ -136,7 +143,7 @@ def _parse_times(
         ts = ts.dt.tz_convert(tz).dt.tz_localize(None)
     bad = np.nonzero(ts.isna().to_numpy())[0]
     if len(bad):
-        vals = ", ".join(repr(text.iloc[i]) for i in bad[:_SHOW])
+        vals = ", ".join(_show(text.iloc[i]) for i in bad[:_SHOW])
         raise DataFormatError(
             f"{source}: column {col!r} has unparseable timestamps on {_lines(rows[bad])}: {vals}"
         )
@@ -153,7 +160,7 @@ def _points_from_wkt(
     m = raw.astype(str).str.extract(_WKT_POINT)
     bad = np.nonzero(m[0].isna().to_numpy())[0]
     if len(bad):
-        vals = ", ".join(repr(raw.iloc[i]) for i in bad[:_SHOW])
+        vals = ", ".join(_show(raw.iloc[i]) for i in bad[:_SHOW])
         raise DataFormatError(
             f"{source}: column {col!r} must hold WKT points 'POINT (lon lat)'; "
             f"{_lines(rows[bad])}: {vals}"
@@ -174,7 +181,7 @@ def _coords(
             if len(bad):
                 raise DataFormatError(
                     f"{source}: column {col!r} must hold numbers; {_lines(rows[bad])}: "
-                    + ", ".join(repr(df[col].iloc[i]) for i in bad[:_SHOW])
+                    + ", ".join(_show(df[col].iloc[i]) for i in bad[:_SHOW])
                 )
             out.append(v.to_numpy(dtype=np.float64))
         lat, lon = out
@@ -344,6 +351,26 @@ def read_locations(path: str | os.PathLike) -> pd.DataFrame:
             )
         out = out[~dup]
     return out.sort_values("id").reset_index(drop=True)
+
+
+def locations_to_vocabulary(locations: pd.DataFrame, location_ids: np.ndarray) -> pd.DataFrame:
+    """Match a location table (``id``, ``lat``, ``lon`` in original ids, as
+    :func:`read_locations` returns) to a vocabulary.
+
+    ``location_ids[k]`` is the original id of encoded id ``k`` (-1 where none, as for padding and
+    unseen).  Returns ``loc``, ``id``, ``lat``, ``lon`` for the encoded ids ``2..V-1``; ids the
+    table lacks get NaN coordinates (:func:`vocabulary_coordinates` fills them with the mean).
+    """
+    ids = np.asarray(location_ids, dtype=np.int64)[2:]
+    table = locations.drop_duplicates("id").set_index("id")
+    known = np.isin(ids, table.index.to_numpy()) & (ids >= 0)
+    lat = np.full(len(ids), np.nan)
+    lon = np.full(len(ids), np.nan)
+    lat[known] = table.loc[ids[known], "lat"].to_numpy()
+    lon[known] = table.loc[ids[known], "lon"].to_numpy()
+    return pd.DataFrame(
+        {"loc": np.arange(2, len(ids) + 2, dtype=np.int64), "id": ids, "lat": lat, "lon": lon}
+    )
 
 
 def vocabulary_coordinates(
