@@ -194,9 +194,6 @@ def load_dir(
         )
     sp, locs = find_staypoint_files(p)
     variants = find_mhsa_variants(p)
-    if sp is None and not variants and (p / "temp").is_dir() and find_mhsa_variants(p / "temp"):
-        p = p / "temp"  # MHSA's own layout: tables in data/, pickles in data/temp/
-        variants = find_mhsa_variants(p)
     if sp is not None:
         if variants:
             logger.info("%s: using %s (the MHSA pickles beside it are not read)", p, sp.name)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from hsoftmax.data import MobilityData, MobilityDataset, collate
+from hsoftmax.data.samples import save_id_maps
 from hsoftmax.metrics import format_table
 from hsoftmax.models import build_model, check_budget, parameter_report
 
@@ -161,6 +162,8 @@ def train(
         run_dir = new_run_dir(cfg)
     if is_main:
         write_run_info(run_dir, cfg, params)
+        if hasattr(data, "location_ids"):  # encoded -> original ids, beside the outputs
+            save_id_maps(data, run_dir)
 
     net = distributed.wrap(model, device)
     epochs = int(tcfg["epochs"])
