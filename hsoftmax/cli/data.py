@@ -42,18 +42,20 @@ def _synth(args) -> int:
 
 def _samples(args) -> int:
     # the loader `hsoftmax train --data` uses, with the same options
-    from hsoftmax.data.sources import find_staypoint_files, load_staypoints
+    from hsoftmax.data.sources import find_staypoint_files, load_dir, load_staypoints
 
-    locations = args.locations or find_staypoint_files(Path(args.staypoints).parent)[1]
-    data = load_staypoints(
-        args.staypoints,
-        locations,
-        split=tuple(args.split),
-        previous_day=args.previous_day,
-        min_history=args.min_history,
-        tz=args.tz,
-        progress=not args.no_progress,
-    )
+    options = {
+        "split": tuple(args.split),
+        "previous_day": args.previous_day,
+        "min_history": args.min_history,
+        "tz": args.tz,
+        "progress": not args.no_progress,
+    }
+    if args.data:
+        data = load_dir(args.data, **options)
+    else:
+        locations = args.locations or find_staypoint_files(Path(args.staypoints).parent)[1]
+        data = load_staypoints(args.staypoints, locations, **options)
     paths = data.write_mhsa(args.out, prefix=args.prefix)
     n = data.info["n_samples"]
     print(
@@ -116,7 +118,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=_guard(_synth))
 
     p = sub.add_parser("samples", help="build MHSA sample pickles from a staypoint CSV")
-    p.add_argument("--staypoints", required=True, help="staypoint CSV (trackintel columns)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a data directory, as `hsoftmax train --data` reads it")
+    source.add_argument("--staypoints", help="staypoint CSV (trackintel columns)")
     p.add_argument(
         "--locations",
         help="location CSV (id, lat, lon or WKT center; default: locations.csv beside the "
