@@ -71,6 +71,10 @@ MODEL_DEFAULTS: dict = {
     # decision towards uniform over its children ("nodes", O(path); history none or mixture,
     # where only the head's decisions are smoothed)
     "smoothing": "leaves",
+    # row-sparse gradients for the location embedding and the tree head (V = 100K .. 1M): a
+    # step then touches only the batch's rows; train with train.optimizer=sparse_adamw and
+    # train.label_smoothing=0 (smoothing scores every row, a dense gradient)
+    "sparse": False,
 }
 
 
@@ -162,7 +166,7 @@ def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
             tree = build_tree(
                 cfg["tree"], data, cfg["tree_arity"], cfg["tree_branching"], cfg["tree_seed"]
             )
-        return HierarchicalSoftmax(d, tree)
+        return HierarchicalSoftmax(d, tree, sparse_grad=bool(cfg.get("sparse", False)))
     raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")
 
 
@@ -178,10 +182,13 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
             "model.history 'logit_add' adds scores to all V logits and needs model.head 'dense'; "
             "use history 'mixture' with the hsoftmax head"
         )
+    if cfg["sparse"] and cfg["head"] != "hsoftmax":
+        raise ValueError("model.sparse needs model.head 'hsoftmax' (a dense head scores all rows)")
     encoder = HistoryEncoder(
         data.n_locations,
         data.n_users,
         **{k: cfg[k] for k in (*ENCODER_SIZE_KEYS, "dropout")},
+        sparse=bool(cfg["sparse"]),
     )
     return HistoryCentricModel(
         encoder, build_head(cfg, data, tree), history=cfg["history"], smoothing=cfg["smoothing"]

@@ -54,12 +54,14 @@ class HistoryEncoder(nn.Module):
         dim_feedforward: int = 224,
         dropout: float = 0.2,
         max_len: int = 512,
+        sparse: bool = False,
     ):
         super().__init__()
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
         self.d_model = d_model
-        self.loc_emb = nn.Embedding(n_locations, loc_emb_dim, padding_idx=0)
+        # sparse: a row-sparse gradient (only the batch's locations) for large vocabularies
+        self.loc_emb = nn.Embedding(n_locations, loc_emb_dim, padding_idx=0, sparse=sparse)
         self.user_emb = nn.Embedding(n_users, user_emb_dim)
         self.time_emb = nn.Embedding(N_TIME_SLOTS, time_emb_dim)
         self.weekday_emb = nn.Embedding(N_WEEKDAYS, weekday_emb_dim)

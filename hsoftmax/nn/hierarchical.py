@@ -29,6 +29,11 @@ class HierarchicalSoftmax(Head):
     ``log_prob_all`` then a tie-aware top-k / comparison count). ``log_prob_all`` and label
     smoothing score every row with one matmul, then work level by level over the tree.
 
+    ``sparse_grad=True`` makes the loss's weight and bias gradients row-sparse (only the rows the
+    batch's paths touch, as ``nn.Embedding(sparse=True)``; CPU): train them with
+    :class:`hsoftmax.optim.SparseAdamW`. ``log_prob_all`` and label smoothing over leaves score
+    every row and still give dense gradients.
+
     The tree is stored in the ``state_dict`` (buffers ``tree_parents``, ``tree_num_leaves``):
     loading a state dict replaces this head's tree, and :meth:`from_state_dict` rebuilds a head
     without the tree file.
@@ -41,8 +46,10 @@ class HierarchicalSoftmax(Head):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        sparse_grad: bool = False,
     ):
         super().__init__()
+        self.sparse_grad = bool(sparse_grad)
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(tree, Tree):
@@ -179,7 +186,8 @@ class HierarchicalSoftmax(Head):
     # ------------------------------------------------------------------ math
 
     def _log_prob(self, hidden, target):
-        return ops.path_log_prob(hidden, self.weight, self.bias, self.tree, target)
+        sparse = self.sparse_grad and hidden.device.type == "cpu" and torch.is_grad_enabled()
+        return ops.path_log_prob(hidden, self.weight, self.bias, self.tree, target, sparse)
 
     def _log_prob_all(self, hidden):
         batch = hidden.shape[0]

@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 PACKAGED_CONFIGS = ("demo", "diy", "geolife")
+OPTIMIZERS = ("adamw", "sparse_adamw")
 
 
 @dataclass
@@ -87,6 +88,8 @@ class TrainConfig:
     param_budget: int = 3_000_000  # refuse a larger model ...
     allow_over_budget: bool = False  # ... unless this is true
     progress: bool = True  # tqdm progress bars
+    # adamw | sparse_adamw (hsoftmax.optim.SparseAdamW: row-sparse, lazy; for model.sparse)
+    optimizer: str = "adamw"
 
 
 @dataclass
@@ -295,6 +298,7 @@ _RANGES = (
     ("train.grad_clip", lambda x: x > 0, "a positive number or null"),
     ("train.lr_patience", lambda x: x >= 0, "an int >= 0"),
     ("train.lr_factor", lambda x: 0 < x < 1, "in (0, 1)"),
+    ("train.optimizer", lambda x: x in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     ("name", lambda x: x != "", "a non-empty string"),
     ("output.dir", lambda x: x != "", "a non-empty string"),
 )
@@ -313,6 +317,11 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(
             "model.smoothing 'nodes' smooths each tree decision and needs model.history 'none' "
             "or 'mixture'; logit_add smooths over all classes ('leaves')"
+        )
+    if m["sparse"] and (m["head"] != "hsoftmax" or cfg["train"]["label_smoothing"] != 0):
+        raise ConfigError(
+            "model.sparse needs model.head 'hsoftmax' and train.label_smoothing 0 (label "
+            "smoothing scores every row of the head, a dense gradient)"
         )
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")

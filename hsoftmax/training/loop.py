@@ -32,6 +32,7 @@ from hsoftmax.data import MobilityData, MobilityDataset, collate
 from hsoftmax.data.samples import save_id_maps
 from hsoftmax.metrics import format_table
 from hsoftmax.models import build_model, check_budget, parameter_report
+from hsoftmax.optim import SparseAdamW, clip_grad_norm_
 
 from . import distributed
 from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
@@ -75,8 +76,10 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
-    """AdamW with the ``train`` section's ``lr`` and ``weight_decay``."""
-    return torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    """``train.optimizer`` (AdamW, or the row-sparse :class:`hsoftmax.optim.SparseAdamW`) with
+    the ``train`` section's ``lr`` and ``weight_decay``."""
+    kind = {"adamw": torch.optim.AdamW, "sparse_adamw": SparseAdamW}[tcfg.get("optimizer", "adamw")]
+    return kind(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
 
 
 def train_step(net, model, optimizer, dataset, idx, device, tcfg: dict) -> torch.Tensor:
@@ -88,7 +91,7 @@ def train_step(net, model, optimizer, dataset, idx, device, tcfg: dict) -> torch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tcfg["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))
+        clip_grad_norm_(model.parameters(), float(tcfg["grad_clip"]))  # sparse gradients too
     optimizer.step()
     return loss.detach()
 
