@@ -133,8 +133,13 @@ class SparseAdamW(torch.optim.Optimizer):
         state["step"].index_copy_(0, rows, step)
         # gather the touched rows, update them as dense tensors, scatter them back (rows are
         # unique after coalescing, so index_copy_ writes each row once)
-        touched = [param.index_select(0, rows)] + [state[n].index_select(0, rows) for n in names]
-        _adamw_update(touched[0], grad, touched[1:], step, group)
+        buffers = _workspace(self, param, len(names) + 3, rows.numel())
+        sources = [param] + [state[n] for n in names]
+        touched = [
+            torch.index_select(t, 0, rows, out=b)
+            for t, b in zip(sources, buffers[: len(sources)], strict=True)
+        ]
+        _adamw_update(touched[0], grad, touched[1:], step, group, scratch=buffers[-2:])
         param.index_copy_(0, rows, touched[0])
         for n, t in zip(names, touched[1:], strict=True):
             state[n].index_copy_(0, rows, t)
@@ -252,7 +257,12 @@ def _rows_and_values(param, grad, who):
             f"nn.Embedding(sparse=True) emits), got sparse_dim() = {grad.sparse_dim()} for a "
             f"parameter of shape {tuple(param.shape)}"
         )
-    # no-op for the op's gradients (coalesced by construction); sums an embedding's duplicates
+    rows = grad._indices()[0]
+    # The op emits sorted unique rows, but autograd's accumulation drops the coalesced flag, and
+    # coalesce() would then sort and copy every value row: one comparison pass decides instead.
+    # An embedding's gradient (one entry per lookup) is coalesced: duplicates summed.
+    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+        return rows, grad._values()
     grad = grad.coalesce()
     return grad.indices()[0], grad.values()
 
@@ -262,10 +272,27 @@ def _column(values, param):
     return values.view((-1,) + (1,) * (param.dim() - 1)) if param.dim() else values
 
 
-def _adamw_update(param, grad, moments, step, group):
+def _workspace(optimizer, param, count, rows):
+    """``count`` reusable (rows, ...) buffers shaped like ``param``'s rows, kept per parameter
+    across steps (not in the state dict). A fresh multi-megabyte temporary every step costs more
+    than the arithmetic on it: glibc hands large blocks back to the OS when they are freed, so
+    each new one is page-faulted and zeroed again. Grows by a quarter when a step needs more."""
+    cache = optimizer.__dict__.setdefault("_row_buffers", {})
+    bufs = cache.get(id(param))
+    fits = bufs is not None and len(bufs) >= count and bufs[0].shape[0] >= rows
+    if not (fits and bufs[0].shape[1:] == param.shape[1:] and bufs[0].dtype == param.dtype):
+        shape = (rows + rows // 4, *param.shape[1:])
+        bufs = [param.new_empty(shape) for _ in range(count)]
+        cache[id(param)] = bufs
+    return [b[:rows] for b in bufs[:count]]
+
+
+def _adamw_update(param, grad, moments, step, group, scratch=None):
     """AdamW on (T, ...) rows in place: ``moments`` [exp_avg, exp_avg_sq(, max_exp_avg_sq)],
-    ``step`` (T,) the rows' incremented counts. The op order is
-    ``torch.optim.adam._single_tensor_adam``'s, so equal counts reproduce its bits."""
+    ``step`` (T,) the rows' incremented counts, ``scratch`` two (T, ...) buffers for the
+    temporaries (None: allocate). The op order is ``torch.optim.adam._single_tensor_adam``'s,
+    so equal counts reproduce its bits."""
+    denom_out, update_out = scratch if scratch is not None else (None, None)
     exp_avg, exp_avg_sq, *max_exp_avg_sq = moments
     lr = group["lr"]
     beta1, beta2 = group["betas"]
@@ -281,7 +308,8 @@ def _adamw_update(param, grad, moments, step, group):
         # one count for all rows: Python-float corrections, exactly as AdamW computes them
         bias_correction1 = 1 - beta1 ** float(lo)
         bias_correction2_sqrt = (1 - beta2 ** float(lo)) ** 0.5
-        denom = (second.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        # in-place chains: the same arithmetic as AdamW's out-of-place ops, fewer temporaries
+        denom = torch.sqrt(second, out=denom_out).div_(bias_correction2_sqrt).add_(group["eps"])
         param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return
     # per-row corrections as (T, 1, ...) columns; float64 so only their last bit can differ
@@ -289,8 +317,8 @@ def _adamw_update(param, grad, moments, step, group):
     count = step.to(torch.float64)
     neg_step_size = _column((-lr / (1 - torch.pow(beta1, count))).to(param.dtype), param)
     bias_correction2_sqrt = _column((1 - torch.pow(beta2, count)).sqrt().to(param.dtype), param)
-    denom = (second.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    param.add_(neg_step_size.mul(exp_avg).div_(denom))
+    denom = torch.sqrt(second, out=denom_out).div_(bias_correction2_sqrt).add_(group["eps"])
+    param.add_(torch.mul(exp_avg, neg_step_size, out=update_out).div_(denom))
 
 
 def _sgd_update(param, grad, buf, step, group):
