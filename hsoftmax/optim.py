@@ -280,7 +280,12 @@ def _workspace(optimizer, param, count, rows):
     cache = optimizer.__dict__.setdefault("_row_buffers", {})
     bufs = cache.get(id(param))
     fits = bufs is not None and len(bufs) >= count and bufs[0].shape[0] >= rows
-    if not (fits and bufs[0].shape[1:] == param.shape[1:] and bufs[0].dtype == param.dtype):
+    like = fits and (bufs[0].shape[1:], bufs[0].dtype, bufs[0].device) == (
+        param.shape[1:],
+        param.dtype,
+        param.device,
+    )
+    if not like:
         shape = (rows + rows // 4, *param.shape[1:])
         bufs = [param.new_empty(shape) for _ in range(count)]
         cache[id(param)] = bufs
