@@ -38,7 +38,7 @@ import math
 
 import torch
 
-__all__ = ["SparseAdamW", "SparseSGD"]
+__all__ = ["SparseAdamW", "SparseSGD", "clip_grad_norm_"]
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -240,15 +240,68 @@ class SparseSGD(torch.optim.Optimizer):
             state["step"].index_copy_(0, rows, step)
 
 
+def clip_grad_norm_(
+    parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes row-sparse gradients (torch's raises
+    ``NotImplementedError`` for them: ``linalg_vector_norm`` has no sparse kernel).
+
+    Scales every gradient in place by ``min(1, max_norm / (total_norm + 1e-6))`` and returns the
+    total norm: the ``norm_type`` norm of the per-parameter norms. A sparse gradient's norm is
+    that of its coalesced values (duplicated rows summed first, as the dense gradient holds
+    them), and a gradient with duplicates is replaced by its coalesced form, which the optimizer
+    then uses as is. With dense gradients only, the result has the same bits as torch's
+    (``foreach=False``); a sparse gradient's norm sums its rows in another order than a dense
+    one's, so it agrees with the dense norm to rounding.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    _check_number("max_norm", max_norm)
+    if isinstance(norm_type, bool) or not isinstance(norm_type, int | float) or norm_type <= 0:
+        raise ValueError(f"norm_type must be a positive float or inf, got {norm_type!r}")
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    norms = []
+    for p in params:
+        grad = p.grad
+        if _is_row_sparse(p, grad, "clip_grad_norm_"):
+            grad = p.grad = _coalesced(grad)
+            grad = grad._values()
+            if grad.numel() == 0:  # an inf norm of nothing raises; the norm of nothing is 0
+                norms.append(grad.new_zeros(()))
+                continue
+        norms.append(torch.linalg.vector_norm(grad, norm_type))
+    device = params[0].grad.device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)}),"
+            " so it cannot be clipped; pass error_if_nonfinite=False to scale by it anyway"
+        )
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device))
+    return total
+
+
 # ---------------------------------------------------------------------- row updates
 
 
 def _rows_and_values(param, grad, who):
     """(rows, values) of a row-sparse gradient, coalesced; (None, grad) for a dense one."""
+    if not _is_row_sparse(param, grad, who):
+        return None, grad
+    grad = _coalesced(grad)
+    return grad._indices()[0], grad._values()
+
+
+def _is_row_sparse(param, grad, who) -> bool:
+    """True for a row-sparse COO gradient, False for a dense one; raises for anything else."""
     if param.is_complex() or not param.is_floating_point():
         raise TypeError(f"{who} supports real floating-point parameters, got {param.dtype}")
     if grad.layout == torch.strided:
-        return None, grad
+        return False
     if grad.layout != torch.sparse_coo:
         raise TypeError(f"{who} needs a dense or sparse COO gradient, got layout {grad.layout}")
     if grad.sparse_dim() != 1:
@@ -257,14 +310,18 @@ def _rows_and_values(param, grad, who):
             f"nn.Embedding(sparse=True) emits), got sparse_dim() = {grad.sparse_dim()} for a "
             f"parameter of shape {tuple(param.shape)}"
         )
+    return True
+
+
+def _coalesced(grad):
+    """A row-sparse gradient with sorted unique rows: ``grad`` itself when its rows already are,
+    else ``grad.coalesce()`` (an embedding's gradient, one entry per lookup: duplicates summed).
+    The op emits sorted unique rows, but autograd's accumulation drops the coalesced flag, and
+    coalesce() would then sort and copy every value row: one comparison pass decides instead."""
     rows = grad._indices()[0]
-    # The op emits sorted unique rows, but autograd's accumulation drops the coalesced flag, and
-    # coalesce() would then sort and copy every value row: one comparison pass decides instead.
-    # An embedding's gradient (one entry per lookup) is coalesced: duplicates summed.
     if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
-        return rows, grad._values()
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+        return grad
+    return grad.coalesce()
 
 
 def _column(values, param):
