@@ -1,4 +1,4 @@
-"""Row-sparse optimizers: AdamW and SGD that update only the rows a sparse gradient touches.
+"""Row-sparse optimizers (AdamW, SGD) and gradient clipping for row-sparse gradients.
 
 Dimension letters: V rows of a parameter (its first dimension), T rows one step touches, and
 ``...`` the rest of a row (D for an embedding or head weight, nothing for a bias).
