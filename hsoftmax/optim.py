@@ -1,4 +1,4 @@
-"""Row-sparse optimizers: AdamW and SGD that update only the rows a sparse gradient touches.
+"""Row-sparse optimizers (AdamW, SGD) and gradient clipping for row-sparse gradients.
 
 Dimension letters: V rows of a parameter (its first dimension), T rows one step touches, and
 ``...`` the rest of a row (D for an embedding or head weight, nothing for a bias).
@@ -38,7 +38,7 @@ import math
 
 import torch
 
-__all__ = ["SparseAdamW", "SparseSGD"]
+__all__ = ["SparseAdamW", "SparseSGD", "clip_grad_norm_"]
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -133,8 +133,13 @@ class SparseAdamW(torch.optim.Optimizer):
         state["step"].index_copy_(0, rows, step)
         # gather the touched rows, update them as dense tensors, scatter them back (rows are
         # unique after coalescing, so index_copy_ writes each row once)
-        touched = [param.index_select(0, rows)] + [state[n].index_select(0, rows) for n in names]
-        _adamw_update(touched[0], grad, touched[1:], step, group)
+        buffers = _workspace(self, param, len(names) + 3, rows.numel())
+        sources = [param] + [state[n] for n in names]
+        touched = [
+            torch.index_select(t, 0, rows, out=b)
+            for t, b in zip(sources, buffers[: len(sources)], strict=True)
+        ]
+        _adamw_update(touched[0], grad, touched[1:], step, group, scratch=buffers[-2:])
         param.index_copy_(0, rows, touched[0])
         for n, t in zip(names, touched[1:], strict=True):
             state[n].index_copy_(0, rows, t)
@@ -235,15 +240,68 @@ class SparseSGD(torch.optim.Optimizer):
             state["step"].index_copy_(0, rows, step)
 
 
+def clip_grad_norm_(
+    parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes row-sparse gradients (torch's raises
+    ``NotImplementedError`` for them: ``linalg_vector_norm`` has no sparse kernel).
+
+    Scales every gradient in place by ``min(1, max_norm / (total_norm + 1e-6))`` and returns the
+    total norm: the ``norm_type`` norm of the per-parameter norms. A sparse gradient's norm is
+    that of its coalesced values (duplicated rows summed first, as the dense gradient holds
+    them), and a gradient with duplicates is replaced by its coalesced form, which the optimizer
+    then uses as is. With dense gradients only, the result has the same bits as torch's
+    (``foreach=False``); a sparse gradient's norm sums its rows in another order than a dense
+    one's, so it agrees with the dense norm to rounding.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    _check_number("max_norm", max_norm)
+    if isinstance(norm_type, bool) or not isinstance(norm_type, int | float) or norm_type <= 0:
+        raise ValueError(f"norm_type must be a positive float or inf, got {norm_type!r}")
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    norms = []
+    for p in params:
+        grad = p.grad
+        if _is_row_sparse(p, grad, "clip_grad_norm_"):
+            grad = p.grad = _coalesced(grad)
+            grad = grad._values()
+            if grad.numel() == 0:  # an inf norm of nothing raises; the norm of nothing is 0
+                norms.append(grad.new_zeros(()))
+                continue
+        norms.append(torch.linalg.vector_norm(grad, norm_type))
+    device = params[0].grad.device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)}),"
+            " so it cannot be clipped; pass error_if_nonfinite=False to scale by it anyway"
+        )
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device))
+    return total
+
+
 # ---------------------------------------------------------------------- row updates
 
 
 def _rows_and_values(param, grad, who):
     """(rows, values) of a row-sparse gradient, coalesced; (None, grad) for a dense one."""
+    if not _is_row_sparse(param, grad, who):
+        return None, grad
+    grad = _coalesced(grad)
+    return grad._indices()[0], grad._values()
+
+
+def _is_row_sparse(param, grad, who) -> bool:
+    """True for a row-sparse COO gradient, False for a dense one; raises for anything else."""
     if param.is_complex() or not param.is_floating_point():
         raise TypeError(f"{who} supports real floating-point parameters, got {param.dtype}")
     if grad.layout == torch.strided:
-        return None, grad
+        return False
     if grad.layout != torch.sparse_coo:
         raise TypeError(f"{who} needs a dense or sparse COO gradient, got layout {grad.layout}")
     if grad.sparse_dim() != 1:
@@ -252,9 +310,18 @@ def _rows_and_values(param, grad, who):
             f"nn.Embedding(sparse=True) emits), got sparse_dim() = {grad.sparse_dim()} for a "
             f"parameter of shape {tuple(param.shape)}"
         )
-    # no-op for the op's gradients (coalesced by construction); sums an embedding's duplicates
-    grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+    return True
+
+
+def _coalesced(grad):
+    """A row-sparse gradient with sorted unique rows: ``grad`` itself when its rows already are,
+    else ``grad.coalesce()`` (an embedding's gradient, one entry per lookup: duplicates summed).
+    The op emits sorted unique rows, but autograd's accumulation drops the coalesced flag, and
+    coalesce() would then sort and copy every value row: one comparison pass decides instead."""
+    rows = grad._indices()[0]
+    if grad.is_coalesced() or bool((rows[1:] > rows[:-1]).all()):
+        return grad
+    return grad.coalesce()
 
 
 def _column(values, param):
@@ -262,10 +329,32 @@ def _column(values, param):
     return values.view((-1,) + (1,) * (param.dim() - 1)) if param.dim() else values
 
 
-def _adamw_update(param, grad, moments, step, group):
+def _workspace(optimizer, param, count, rows):
+    """``count`` reusable (rows, ...) buffers shaped like ``param``'s rows, kept per parameter
+    across steps (not in the state dict). A fresh multi-megabyte temporary every step costs more
+    than the arithmetic on it: glibc hands large blocks back to the OS when they are freed, so
+    each new one is page-faulted and zeroed again. Grows by a quarter when a step needs more."""
+    cache = optimizer.__dict__.setdefault("_row_buffers", {})
+    bufs = cache.get(id(param))
+    fits = bufs is not None and len(bufs) >= count and bufs[0].shape[0] >= rows
+    like = fits and (bufs[0].shape[1:], bufs[0].dtype, bufs[0].device) == (
+        param.shape[1:],
+        param.dtype,
+        param.device,
+    )
+    if not like:
+        shape = (rows + rows // 4, *param.shape[1:])
+        bufs = [param.new_empty(shape) for _ in range(count)]
+        cache[id(param)] = bufs
+    return [b[:rows] for b in bufs[:count]]
+
+
+def _adamw_update(param, grad, moments, step, group, scratch=None):
     """AdamW on (T, ...) rows in place: ``moments`` [exp_avg, exp_avg_sq(, max_exp_avg_sq)],
-    ``step`` (T,) the rows' incremented counts. The op order is
-    ``torch.optim.adam._single_tensor_adam``'s, so equal counts reproduce its bits."""
+    ``step`` (T,) the rows' incremented counts, ``scratch`` two (T, ...) buffers for the
+    temporaries (None: allocate). The op order is ``torch.optim.adam._single_tensor_adam``'s,
+    so equal counts reproduce its bits."""
+    denom_out, update_out = scratch if scratch is not None else (None, None)
     exp_avg, exp_avg_sq, *max_exp_avg_sq = moments
     lr = group["lr"]
     beta1, beta2 = group["betas"]
@@ -281,7 +370,8 @@ def _adamw_update(param, grad, moments, step, group):
         # one count for all rows: Python-float corrections, exactly as AdamW computes them
         bias_correction1 = 1 - beta1 ** float(lo)
         bias_correction2_sqrt = (1 - beta2 ** float(lo)) ** 0.5
-        denom = (second.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        # in-place chains: the same arithmetic as AdamW's out-of-place ops, fewer temporaries
+        denom = torch.sqrt(second, out=denom_out).div_(bias_correction2_sqrt).add_(group["eps"])
         param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return
     # per-row corrections as (T, 1, ...) columns; float64 so only their last bit can differ
@@ -289,8 +379,8 @@ def _adamw_update(param, grad, moments, step, group):
     count = step.to(torch.float64)
     neg_step_size = _column((-lr / (1 - torch.pow(beta1, count))).to(param.dtype), param)
     bias_correction2_sqrt = _column((1 - torch.pow(beta2, count)).sqrt().to(param.dtype), param)
-    denom = (second.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    param.add_(neg_step_size.mul(exp_avg).div_(denom))
+    denom = torch.sqrt(second, out=denom_out).div_(bias_correction2_sqrt).add_(group["eps"])
+    param.add_(torch.mul(exp_avg, neg_step_size, out=update_out).div_(denom))
 
 
 def _sgd_update(param, grad, buf, step, group):

@@ -15,7 +15,7 @@ import torch
 
 from hsoftmax import HierarchicalSoftmax, Tree
 from hsoftmax.ops import path_log_prob
-from hsoftmax.optim import SparseAdamW, SparseSGD
+from hsoftmax.optim import SparseAdamW, SparseSGD, clip_grad_norm_
 
 DTYPES = [torch.float32, torch.float64]
 # the lazy path computes per-row bias corrections with tensor ops in float64, whose last bit may
@@ -360,6 +360,69 @@ def test_sgd_dense_same_bits_and_lazy_equals_per_row_sgd(dtype, hyper):
         opt.step()
     assert_bits(dense, theirs)
     assert_bits(ours.detach(), per_row_reference(torch.optim.SGD, start, grads, touches, **hyper))
+
+
+# ------------------------------------------------------------------ gradient clipping
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+@pytest.mark.parametrize("scale", [10.0, 0.01])  # clipped, and left alone
+def test_clip_grad_norm_dense_same_bits_as_torch(norm_type, scale):
+    g = torch.Generator().manual_seed(13)
+    shapes = [(7, 3), (5,), ()]
+    ours = [torch.zeros(s, requires_grad=True) for s in shapes]
+    theirs = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = scale * torch.randn(a.shape, generator=g)
+        b.grad = a.grad.clone()
+    total = clip_grad_norm_(ours, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, foreach=False)
+    assert_bits(total, expected)
+    for a, b in zip(ours, theirs, strict=True):
+        assert_bits(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_clip_grad_norm_sparse_equals_torch_on_the_dense_gradients(norm_type):
+    """Row-sparse (with duplicate rows), empty sparse and dense gradients together: the same
+    total norm and clipped gradients as torch's clip of the dense equivalents."""
+    g = torch.Generator().manual_seed(14)
+    ids = torch.tensor([4, 1, 4, 7])
+    values = 5 * torch.randn(4, 3, dtype=torch.float64, generator=g)
+    shapes = [(9, 3), (9, 3), (6,)]
+    ours = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    theirs = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    ours[0].grad = torch.sparse_coo_tensor(ids[None], values, (9, 3), check_invariants=True)
+    ours[1].grad = row_sparse(torch.ones(9, 3, dtype=torch.float64), [])
+    ours[2].grad = torch.randn(6, dtype=torch.float64, generator=g)
+    for a, b in zip(ours, theirs, strict=True):
+        b.grad = a.grad.to_dense().clone()  # to_dense of a dense tensor is the tensor
+    total = clip_grad_norm_(ours, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, foreach=False)
+    torch.testing.assert_close(total, expected, rtol=1e-14, atol=0)
+    assert float(expected) > 1.0  # it clipped
+    assert ours[0].grad.is_sparse and ours[0].grad._nnz() == 3  # coalesced: duplicates summed
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a.grad.to_dense(), b.grad, rtol=1e-14, atol=0)
+
+
+def test_torch_clip_grad_norm_refuses_a_sparse_gradient():
+    """Why hsoftmax.optim.clip_grad_norm_ exists: torch's has no sparse norm kernel."""
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(NotImplementedError, match="linalg_vector_norm"):
+        torch.nn.utils.clip_grad_norm_(embedding.parameters(), 1.0)
+
+
+def test_clip_grad_norm_bad_input():
+    weight = torch.zeros(3, requires_grad=True)
+    weight.grad = torch.full((3,), float("nan"))
+    with pytest.raises(ValueError, match="max_norm must be >= 0.0, got -1"):
+        clip_grad_norm_([weight], -1)
+    with pytest.raises(ValueError, match="norm_type must be a positive float or inf, got 0"):
+        clip_grad_norm_([weight], 1.0, norm_type=0)
+    with pytest.raises(RuntimeError, match="the total norm of order 2.0 of the gradients is non-"):
+        clip_grad_norm_([weight], 1.0, error_if_nonfinite=True)
 
 
 # ------------------------------------------------------------------ bad input
