@@ -285,7 +285,7 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
     from hsoftmax.training.checkpoint import atomic_save, atomic_write_text, load_checkpoint
 
     path = tmp_path / "ckpt.pt"
-    atomic_save({"epoch": 1}, path)
+    atomic_save({"epoch": 1, "model": {}}, path)
 
     class Unpicklable:
         def __reduce__(self):
@@ -293,7 +293,7 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
         atomic_save({"epoch": 2, "bad": Unpicklable()}, path)
-    assert load_checkpoint(path) == {"epoch": 1}
+    assert load_checkpoint(path) == {"epoch": 1, "model": {}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no .tmp left behind
     atomic_write_text(tmp_path / "a.json", "{}\n")
     assert (tmp_path / "a.json").read_text() == "{}\n"
