@@ -31,6 +31,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <array>
 #include <limits>
@@ -318,13 +319,6 @@ __global__ void row_carry_kernel(RowRuns<scalar_t, acc_t> r) {
     }
     r.grad_bias[row] = static_cast<scalar_t>(sum);
   }
-}
-
-PathTree path_tree_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
-                      const at::Tensor& path_node, const at::Tensor& path_choice) {
-  return {node_row_ptr.data_ptr<int32_t>(), leaf_path_ptr.data_ptr<int64_t>(),
-          path_node.data_ptr<int32_t>(), path_choice.data_ptr<int32_t>(),
-          leaf_path_ptr.size(0) - 1};
 }
 
 // The forward op on tensors of one device: `launch(kernel, grid, block, args...)` runs a kernel
