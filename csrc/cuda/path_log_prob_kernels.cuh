@@ -53,6 +53,10 @@ extern int hsm_planted_bug;
 
 namespace hsoftmax {
 namespace cuda_kernels {
+// Internal linkage, as for code in a .cu file: each including translation unit (the CUDA backend,
+// the emulation test) has its own copy, and nvcc's kernel names carry the .cu file's name, which
+// .ci/check_ptxas.py matches kernels to their source by.
+namespace {
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;  // 256 threads: enough warps per SM to hide gather latency
@@ -414,5 +418,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   return {gh, gw, gb, at::empty({0}, weight.options().dtype(at::kLong))};
 }
 
+}  // namespace
 }  // namespace cuda_kernels
 }  // namespace hsoftmax
