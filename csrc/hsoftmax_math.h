@@ -29,22 +29,6 @@ HSM_HOST_DEVICE T softmax_grad_coef(T e, T inv_sum, bool taken) {
   return (taken ? T(1) : T(0)) - e * inv_sum;
 }
 
-// float <-> its IEEE-754 bits, on host and device.
-HSM_HOST_DEVICE float float_from_bits(int32_t i) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
-#else
-  return __builtin_bit_cast(float, i);
-#endif
-}
-HSM_HOST_DEVICE int32_t bits_of(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(x);
-#else
-  return __builtin_bit_cast(int32_t, x);
-#endif
-}
-
 // Binary-node exp(-|x|) and log(1 + e) for e in (0, 1]: the C library's expf/logf (exp/log in
 // double). The tree searches (csrc/cpu/search_cpu.cpp) compute a binary node with the same
 // calls in the same order, so a leaf's log-probability has the same bits from the path kernel

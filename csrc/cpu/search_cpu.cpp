@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -148,7 +149,7 @@ struct HeapCodec<float> {
   using Less = std::less<uint64_t>;
   static Less less(int64_t) { return {}; }
   HSM_ALWAYS_INLINE static Key encode(const Entry<float>& e, int64_t num_leaves) {
-    const auto u = static_cast<uint32_t>(math::bits_of(e.log_prob + 0.0f));
+    const auto u = std::bit_cast<uint32_t>(e.log_prob + 0.0f);
     const uint32_t order = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
     const uint32_t tie =
         (e.node >= num_leaves ? 0x80000000u : 0u) | (0x7FFFFFFFu - static_cast<uint32_t>(e.node));
@@ -157,10 +158,22 @@ struct HeapCodec<float> {
   HSM_ALWAYS_INLINE static Entry<float> decode(Key k) {
     const auto order = static_cast<uint32_t>(k >> 32);
     const uint32_t u = (order & 0x80000000u) ? (order & 0x7FFFFFFFu) : ~order;
-    return {math::float_from_bits(static_cast<int32_t>(u)),
-            int64_t{0x7FFFFFFF} - static_cast<int64_t>(k & 0x7FFFFFFFu)};
+    return {std::bit_cast<float>(u), int64_t{0x7FFFFFFF} - static_cast<int64_t>(k & 0x7FFFFFFFu)};
   }
 };
+
+// Puts `key` into the hole at `hole` of a max-heap under `less`, moving it up past every parent
+// that ranks below it.
+template <typename Key, typename Less>
+HSM_ALWAYS_INLINE void sift_up(std::vector<Key>& heap, size_t hole, Key key, const Less& less) {
+  while (hole > 0) {
+    const size_t parent = (hole - 1) / 2;
+    if (!less(heap[parent], key)) break;
+    heap[hole] = heap[parent];
+    hole = parent;
+  }
+  heap[hole] = key;
+}
 
 // Removes and returns the first key of a max-heap under `less`. Bottom-up ("Floyd") pop: the
 // hole left at the top sinks along the better child with one comparison per level, then the last
@@ -180,13 +193,7 @@ HSM_ALWAYS_INLINE Key heap_pop(std::vector<Key>& heap, const Less& less) {
     heap[hole] = heap[c];
     hole = c;
   }
-  while (hole > 0) {
-    const size_t parent = (hole - 1) / 2;
-    if (!less(heap[parent], last)) break;
-    heap[hole] = heap[parent];
-    hole = parent;
-  }
-  heap[hole] = last;
+  sift_up(heap, hole, last, less);
   return top;
 }
 
@@ -194,15 +201,8 @@ HSM_ALWAYS_INLINE Key heap_pop(std::vector<Key>& heap, const Less& less) {
 // stops after a comparison or two).
 template <typename Key, typename Less>
 HSM_ALWAYS_INLINE void heap_push(std::vector<Key>& heap, Key key, const Less& less) {
-  size_t hole = heap.size();
   heap.push_back(key);
-  while (hole > 0) {
-    const size_t parent = (hole - 1) / 2;
-    if (!less(heap[parent], key)) break;
-    heap[hole] = heap[parent];
-    hole = parent;
-  }
-  heap[hole] = key;
+  sift_up(heap, heap.size() - 1, key, less);
 }
 
 // Requests the first rows of internal node `node` (at most kMaxRows), to be scored soon.

@@ -222,6 +222,14 @@ struct RowRuns {
   acc_t* carry_weight;    // (chunks, 2, dim): partial sums of rows crossing a chunk's edge
   acc_t* carry_bias;      // (chunks, 2)
 
+  // The sorted entries [c0, c1) of the calling warp's chunk; false when it has none.
+  __device__ __forceinline__ bool chunk_of_warp(int64_t& chunk, int64_t& c0, int64_t& c1) const {
+    chunk = warp_item();
+    c0 = chunk * kChunk;
+    c1 = c0 + kChunk < n ? c0 + kChunk : n;
+    return c0 < n;
+  }
+
   // Whether sorted entry i exists and holds `row`.
   __device__ __forceinline__ bool holds(int64_t i, int32_t row) const {
     return i >= 0 && i < n && keys[i] == row;
@@ -235,10 +243,8 @@ struct RowRuns {
 template <typename scalar_t, typename acc_t>
 __global__ void row_runs_kernel(RowRuns<scalar_t, acc_t> r) {
   const int lane = lane_id();
-  const int64_t chunk = warp_item();
-  const int64_t c0 = chunk * kChunk;
-  if (c0 >= r.n) return;
-  const int64_t c1 = c0 + kChunk < r.n ? c0 + kChunk : r.n;
+  int64_t chunk, c0, c1;
+  if (!r.chunk_of_warp(chunk, c0, c1)) return;
   const int64_t tile = static_cast<int64_t>(kWarp) * kCols;
   // with no weight gradient one pass still sums the bias
   const int64_t passes = r.grad_weight != nullptr ? (r.dim + tile - 1) / tile : 1;
@@ -297,10 +303,8 @@ __global__ void row_runs_kernel(RowRuns<scalar_t, acc_t> r) {
 template <typename scalar_t, typename acc_t>
 __global__ void row_carry_kernel(RowRuns<scalar_t, acc_t> r) {
   const int lane = lane_id();
-  const int64_t chunk = warp_item();
-  const int64_t c0 = chunk * kChunk;
-  if (c0 >= r.n) return;
-  const int64_t c1 = c0 + kChunk < r.n ? c0 + kChunk : r.n;
+  int64_t chunk, c0, c1;
+  if (!r.chunk_of_warp(chunk, c0, c1)) return;
   const int32_t row = r.keys[c1 - 1];
   if (row >= r.num_rows || !r.holds(c1, row)) return;     // no valid row crosses the chunk's end
   if (r.keys[c0] == row && r.holds(c0 - 1, row)) return;  // it started in an earlier chunk
