@@ -8,7 +8,10 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <initializer_list>
+#include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef WITH_CUDA
@@ -21,58 +24,142 @@ at::ScalarType coef_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+PathTree path_tree_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
+                      const at::Tensor& path_node, const at::Tensor& path_choice) {
+  return {node_row_ptr.data_ptr<int32_t>(), leaf_path_ptr.data_ptr<int64_t>(),
+          path_node.data_ptr<int32_t>(), path_choice.data_ptr<int32_t>(),
+          leaf_path_ptr.size(0) - 1};
+}
+
+namespace {
+
+using Named = std::pair<const char*, const at::Tensor*>;
+
+// hidden (B, D) floating point; weight (rows, D) and bias (rows,) in its dtype.
+void check_hidden_weight_bias(const at::Tensor& hidden, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (B, D), got ", hidden.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "hidden must be floating point, got ",
+              hidden.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
+              "weight must have shape (V - 1, D=", hidden.size(1), "), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " must match hidden dtype ", hidden.scalar_type());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "bias must have shape (V - 1,) = (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "bias dtype ", bias->scalar_type(),
+                " must match hidden dtype ", hidden.scalar_type());
+  }
+}
+
+// The leaf paths (leaf_path_ptr (V + 1,) int64, path_node and path_choice int32 alike) and
+// target (B,) int64.
+void check_paths_and_target(const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
+                            const at::Tensor& path_choice, const at::Tensor& target,
+                            int64_t batch) {
+  TORCH_CHECK(leaf_path_ptr.dim() == 1 && leaf_path_ptr.size(0) >= 2 &&
+                  leaf_path_ptr.scalar_type() == at::kLong,
+              "leaf_path_ptr must be an int64 tensor of shape (V + 1,)");
+  TORCH_CHECK(path_node.dim() == 1 && path_node.scalar_type() == at::kInt,
+              "path_node must be a 1-D int32 tensor");
+  TORCH_CHECK(path_choice.sizes() == path_node.sizes() && path_choice.scalar_type() == at::kInt,
+              "path_choice must be an int32 tensor shaped like path_node");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == batch, "target must have shape (B=", batch,
+              ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
+              target.scalar_type());
+}
+
+// Every tensor contiguous and on hidden's device (on the CPU when cpu_only).
+void check_placement(std::initializer_list<Named> tensors, const at::Tensor& hidden,
+                     bool cpu_only) {
+  for (const auto& [name, t] : tensors) {
+    if (t == nullptr) continue;
+    if (cpu_only) {
+      TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
+    } else {
+      TORCH_CHECK(t->device() == hidden.device(), name, " is on ", t->device(),
+                  " but hidden is on ", hidden.device());
+    }
+    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
+  }
+}
+
+}  // namespace
+
 void check_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias, const at::Tensor& node_row_ptr,
                         const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
                         const at::Tensor& path_choice, const at::Tensor& target,
                         int64_t max_path_rows) {
-  TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (B, D), got ", hidden.sizes());
-  TORCH_CHECK(weight.dim() == 2, "weight must have shape (V - 1, D), got ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == hidden.size(1), "weight must have shape (V - 1, D=", hidden.size(1),
-              "), got ", weight.sizes());
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "hidden must be floating point, got ",
-              hidden.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ", weight.scalar_type(),
-              " must match hidden dtype ", hidden.scalar_type());
-  TORCH_CHECK(leaf_path_ptr.dim() == 1 && leaf_path_ptr.size(0) >= 2 &&
-                  leaf_path_ptr.scalar_type() == at::kLong,
-              "leaf_path_ptr must be an int64 tensor of shape (V + 1,)");
+  check_hidden_weight_bias(hidden, weight, bias);
+  check_paths_and_target(leaf_path_ptr, path_node, path_choice, target, hidden.size(0));
   const int64_t num_leaves = leaf_path_ptr.size(0) - 1;
   TORCH_CHECK(weight.size(0) == num_leaves - 1, "weight must have V - 1 = ", num_leaves - 1,
               " rows for a tree of ", num_leaves, " leaves, got ", weight.size(0));
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == num_leaves - 1,
-                "bias must have shape (V - 1,) = (", num_leaves - 1, ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "bias dtype ", bias->scalar_type(),
-                " must match hidden dtype ", hidden.scalar_type());
-  }
   TORCH_CHECK(node_row_ptr.dim() == 1 && node_row_ptr.scalar_type() == at::kInt,
               "node_row_ptr must be a 1-D int32 tensor");
-  TORCH_CHECK(path_node.dim() == 1 && path_node.scalar_type() == at::kInt,
-              "path_node must be a 1-D int32 tensor");
-  TORCH_CHECK(path_choice.sizes() == path_node.sizes() && path_choice.scalar_type() == at::kInt,
-              "path_choice must be an int32 tensor shaped like path_node");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0),
-              "target must have shape (B=", hidden.size(0), ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "target must be int64, got ",
-              target.scalar_type());
   TORCH_CHECK(max_path_rows >= 0, "max_path_rows must be >= 0, got ", max_path_rows);
-  const auto device = hidden.device();
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"weight", &weight},
-                                {"node_row_ptr", &node_row_ptr},
-                                {"leaf_path_ptr", &leaf_path_ptr},
-                                {"path_node", &path_node},
-                                {"path_choice", &path_choice},
-                                {"target", &target}}) {
-    TORCH_CHECK(t->device() == device, name, " is on ", t->device(), " but hidden is on ", device);
-    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
-  }
-  TORCH_CHECK(hidden.is_contiguous(), "hidden must be contiguous");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device() == device, "bias is on ", bias->device(), " but hidden is on ",
-                device);
-    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
-  }
+  check_placement({{"hidden", &hidden},
+                   {"weight", &weight},
+                   {"bias", bias.has_value() ? &*bias : nullptr},
+                   {"node_row_ptr", &node_row_ptr},
+                   {"leaf_path_ptr", &leaf_path_ptr},
+                   {"path_node", &path_node},
+                   {"path_choice", &path_choice},
+                   {"target", &target}},
+                  hidden, /*cpu_only=*/false);
+}
+
+void check_search_args(const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& child_ptr,
+                       const at::Tensor& children, const at::Tensor& node_row_ptr, int64_t root) {
+  check_hidden_weight_bias(hidden, weight, bias);
+  const int64_t num_leaves = weight.size(0) + 1;
+  TORCH_CHECK(child_ptr.dim() == 1 && child_ptr.scalar_type() == at::kLong,
+              "child_ptr must be a 1-D int64 tensor (M + 1,)");
+  const int64_t internal = child_ptr.size(0) - 1;
+  TORCH_CHECK(internal >= 0, "child_ptr must have M + 1 >= 1 entries");
+  TORCH_CHECK(children.dim() == 1 && children.scalar_type() == at::kInt &&
+                  children.size(0) == num_leaves + internal - 1,
+              "children must be an int32 tensor of shape (N - 1,) = (", num_leaves + internal - 1,
+              ",), got ", children.sizes(), " ", children.scalar_type());
+  TORCH_CHECK(node_row_ptr.dim() == 1 && node_row_ptr.scalar_type() == at::kInt &&
+                  node_row_ptr.size(0) == internal + 1,
+              "node_row_ptr must be an int32 tensor of shape (M + 1,) = (", internal + 1, ",)");
+  TORCH_CHECK(0 <= root && root < num_leaves + internal, "root must be a node id in [0, ",
+              num_leaves + internal, "), got ", root);
+  TORCH_CHECK(internal > 0 || root == 0, "a tree without internal nodes has root 0, got ", root);
+  check_placement({{"hidden", &hidden},
+                   {"weight", &weight},
+                   {"bias", bias.has_value() ? &*bias : nullptr},
+                   {"child_ptr", &child_ptr},
+                   {"children", &children},
+                   {"node_row_ptr", &node_row_ptr}},
+                  hidden, /*cpu_only=*/true);
+  // the searches follow these arrays without bounds checks
+  check_child_lists(child_ptr.data_ptr<int64_t>(), children.data_ptr<int32_t>(),
+                    node_row_ptr.data_ptr<int32_t>(), internal, num_leaves, root);
+}
+
+void check_rank_args(const at::Tensor& hidden, const at::Tensor& weight,
+                     const at::Tensor& child_ptr, const at::Tensor& node_row_ptr,
+                     const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
+                     const at::Tensor& path_choice, const at::Tensor& target) {
+  check_paths_and_target(leaf_path_ptr, path_node, path_choice, target, hidden.size(0));
+  const int64_t num_leaves = weight.size(0) + 1;
+  TORCH_CHECK(leaf_path_ptr.size(0) == num_leaves + 1, "leaf_path_ptr must have shape (V + 1,) = (",
+              num_leaves + 1, ",), got ", leaf_path_ptr.sizes());
+  check_placement({{"leaf_path_ptr", &leaf_path_ptr},
+                   {"path_node", &path_node},
+                   {"path_choice", &path_choice},
+                   {"target", &target}},
+                  hidden, /*cpu_only=*/true);
+  check_target_paths(target.data_ptr<int64_t>(), target.size(0), node_row_ptr.data_ptr<int32_t>(),
+                     child_ptr.size(0) - 1, leaf_path_ptr.data_ptr<int64_t>(), num_leaves,
+                     path_node.data_ptr<int32_t>(), path_choice.data_ptr<int32_t>(),
+                     path_node.size(0), std::numeric_limits<int64_t>::max());
 }
 
 void check_backward_args(const at::Tensor& grad_log_prob, const at::Tensor& grad_coef,

@@ -5,6 +5,8 @@
 
 #include <tuple>
 
+#include "tree_paths.h"
+
 namespace hsoftmax {
 
 // Checks every argument of path_log_prob_forward (shapes, dtypes, one device, contiguity) with
@@ -15,6 +17,18 @@ void check_forward_args(const at::Tensor& hidden, const at::Tensor& weight,
                         const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
                         const at::Tensor& path_choice, const at::Tensor& target,
                         int64_t max_path_rows);
+
+// The search ops' hidden, weight, bias and child lists (all on the CPU, contiguous), including
+// check_child_lists.
+void check_search_args(const at::Tensor& hidden, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& child_ptr,
+                       const at::Tensor& children, const at::Tensor& node_row_ptr, int64_t root);
+
+// leaf_rank's leaf paths and targets (after check_search_args), including check_target_paths.
+void check_rank_args(const at::Tensor& hidden, const at::Tensor& weight,
+                     const at::Tensor& child_ptr, const at::Tensor& node_row_ptr,
+                     const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
+                     const at::Tensor& path_choice, const at::Tensor& target);
 
 // check_forward_args plus: grad_log_prob (B,) in hidden's dtype, and grad_coef the (B, R)
 // coefficient output of path_log_prob_forward, all on hidden's device.
@@ -37,6 +51,10 @@ void check_target_paths(const int64_t* target, int64_t batch, const int32_t* nod
 void check_child_lists(const int64_t* child_ptr, const int32_t* children,
                        const int32_t* node_row_ptr, int64_t num_internal, int64_t num_leaves,
                        int64_t root);
+
+// Raw view of the path tensors (checked by check_forward_args) for the kernels.
+PathTree path_tree_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
+                      const at::Tensor& path_node, const at::Tensor& path_choice);
 
 // The dtype of the saved gradient coefficients: float for float/half/bfloat16, double for double.
 at::ScalarType coef_dtype(at::ScalarType input);

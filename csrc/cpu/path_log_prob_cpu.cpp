@@ -15,6 +15,7 @@
 
 #include "../hsoftmax.h"
 #include "../hsoftmax_math.h"
+#include "../tree_paths.h"
 #include "cpu_clones.h"
 #include "vec.h"
 
@@ -134,23 +135,8 @@ class ScaledRowSum {
   }
 };
 
-struct TreeView {
-  const int32_t* node_row_ptr;
-  const int64_t* leaf_path_ptr;
-  const int32_t* path_node;
-  const int32_t* path_choice;
-  int64_t num_leaves;
-};
-
-TreeView view_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
-                 const at::Tensor& path_node, const at::Tensor& path_choice) {
-  return {node_row_ptr.data_ptr<int32_t>(), leaf_path_ptr.data_ptr<int64_t>(),
-          path_node.data_ptr<int32_t>(), path_choice.data_ptr<int32_t>(),
-          leaf_path_ptr.size(0) - 1};
-}
-
 // Every target and its path checked against the tree arrays (see hsoftmax.h).
-void check_paths(const TreeView& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
+void check_paths(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
                  const at::Tensor& path_node, int64_t max_path_rows) {
   check_target_paths(target.data_ptr<int64_t>(), target.size(0), tree.node_row_ptr,
                      node_row_ptr.size(0) - 1, tree.leaf_path_ptr, tree.num_leaves, tree.path_node,
@@ -169,46 +155,30 @@ struct Args {
   const int64_t* target;
   acc_t* coef;  // (B, rows): forward writes it, backward reads it
   int64_t dim, rows;
-  TreeView tree;
+  PathTree tree;
 };
-
-// Calls fn(row, entry) for every weight row on example b's path, entry = index into coef[b].
-template <typename F>
-inline void for_each_path_row(const TreeView& tree, int64_t y, F&& fn) {
-  int64_t e = 0;
-  for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1]; ++s) {
-    const int32_t node = tree.path_node[s];
-    const int64_t r0 = tree.node_row_ptr[node];
-    const int n = tree.node_row_ptr[node + 1] - r0;
-    for (int k = 0; k < n; ++k, ++e) fn(r0 + k, e);
-  }
-}
 
 // Weight rows on a path are scattered over the matrix, and the forward and grad_hidden loops stall
 // on them; the next example's path is known in advance, so its rows are fetched while the
 // current example computes. Capped so a very wide node does not flood the cache.
 template <typename scalar_t>
-inline void prefetch_path_rows(const TreeView& tree, int64_t y, const scalar_t* weight,
+inline void prefetch_path_rows(const PathTree& tree, int64_t y, const scalar_t* weight,
                                int64_t dim) {
   constexpr int64_t kMaxRows = 64;
   constexpr int64_t kLine = 64 / sizeof(scalar_t);
-  int64_t budget = kMaxRows;
-  for (int64_t s = tree.leaf_path_ptr[y]; s < tree.leaf_path_ptr[y + 1] && budget > 0; ++s) {
-    const int32_t node = tree.path_node[s];
-    const int64_t r0 = tree.node_row_ptr[node];
-    const int64_t r1 = std::min<int64_t>(tree.node_row_ptr[node + 1], r0 + budget);
-    budget -= r1 - r0;
+  for_each_path_node(tree, y, [&](int64_t, int64_t r0, int n, int64_t e0) {
+    const int64_t r1 = r0 + std::min<int64_t>(n, kMaxRows - e0);
     for (const scalar_t* p = weight + r0 * dim; p < weight + r1 * dim; p += kLine) {
       __builtin_prefetch(p, 0, 1);
     }
-  }
+  });
 }
 
 template <typename scalar_t>
 HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_t begin,
                                   int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const TreeView& tree = a.tree;
+  const PathTree& tree = a.tree;
   std::vector<int64_t> path_rows(a.rows);
   std::vector<acc_t> term(a.rows);
   for (int64_t b = begin; b < end; ++b) {
@@ -219,12 +189,7 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
     const int64_t s0 = tree.leaf_path_ptr[y], s1 = tree.leaf_path_ptr[y + 1];
     // 1. the weight rows on the path, in path order
     int64_t m = 0;
-    for (int64_t s = s0; s < s1; ++s) {
-      const int32_t node = tree.path_node[s];
-      for (int64_t r = tree.node_row_ptr[node]; r < tree.node_row_ptr[node + 1]; ++r) {
-        path_rows[m++] = r;
-      }
-    }
+    for_each_path_row(tree, y, [&](int64_t r, int64_t) { path_rows[m++] = r; });
     // 2. their logits, four rows at a time
     int64_t e = 0;
     for (; e + 4 <= m; e += 4) {
@@ -245,13 +210,9 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
       for (e = 0; e < m; ++e) t[e] = math::binary_node_log_softmax(z + e, choice[e]);
       for (e = 0; e < m; ++e) lp += t[e];
     } else {
-      e = 0;
-      for (int64_t s = s0; s < s1; ++s) {
-        const int32_t node = tree.path_node[s];
-        const int n = tree.node_row_ptr[node + 1] - tree.node_row_ptr[node];
-        lp += math::node_log_softmax(z + e, n, tree.path_choice[s]);
-        e += n;
-      }
+      for_each_path_node(tree, y, [&](int64_t s, int64_t, int n, int64_t e0) {
+        lp += math::node_log_softmax(z + e0, n, tree.path_choice[s]);
+      });
     }
     for (e = m; e < a.rows; ++e) z[e] = 0;
     out[b] = static_cast<scalar_t>(lp);
@@ -424,7 +385,7 @@ HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a,
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias, const TreeView& tree,
+                    const std::optional<at::Tensor>& bias, const PathTree& tree,
                     const at::Tensor& target, at::Tensor& log_prob, at::Tensor& coef) {
   using acc_t = at::opmath_type<scalar_t>;
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
@@ -448,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
     bool /*sparse_grad: used by the autograd formula only*/) {
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
-  const TreeView tree = view_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
+  const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
   check_paths(tree, target, node_row_ptr, path_node, max_path_rows);
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
@@ -463,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
 // (V - 1, D) / (V - 1,) or, when `sparse`, the K touched rows (K, D) / (K,) with their row ids.
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
-                     const at::Tensor& hidden, const at::Tensor& weight, const TreeView& tree,
+                     const at::Tensor& hidden, const at::Tensor& weight, const PathTree& tree,
                      const at::Tensor& target, bool want_weight, bool want_bias, bool sparse,
                      at::Tensor& grad_hidden, at::Tensor& grad_weight, at::Tensor& grad_bias,
                      at::Tensor& grad_rows) {
@@ -550,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
     bool has_bias, std::array<bool, 3> output_mask, bool sparse_weight) {
   check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
                       path_choice, target);
-  const TreeView tree = view_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
+  const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
   check_paths(tree, target, node_row_ptr, path_node, coef.size(1));
   const auto g = grad_log_prob.contiguous();
   const auto c = coef.contiguous();

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -85,24 +86,12 @@ HSM_ALWAYS_INLINE int node_logits(const SearchArgs<scalar_t>& a, const scalar_t*
   return c;
 }
 
-// out[1 .. c) holds a node's children's logits (child 0's is 0): out[0 .. c) becomes
-// log p(child k | node).
+// log p(child k | node) of a node's c children into out[0 .. c) from the logits in out[1 .. c)
+// (math::node_log_probs), a NaN (from NaN inputs) made -inf for the searches' orders.
 template <typename acc_t>
 HSM_ALWAYS_INLINE void node_log_softmax(acc_t* out, int c) {
-  if (c == 2) {  // log sigma: lse(0, x) = max(x, 0) + log(1 + exp(-|x|)), one exp and one log
-    const acc_t x = out[1];
-    const acc_t lse = (x > 0 ? x : acc_t(0)) + math::log_one_plus(math::exp_neg_abs(x));
-    out[0] = nan_to_neg_inf(-lse);
-    out[1] = nan_to_neg_inf(x - lse);
-    return;
-  }
-  out[0] = 0;
-  acc_t m = 0;
-  for (int k = 1; k < c; ++k) m = out[k] > m ? out[k] : m;
-  acc_t sum = 0;
-  for (int k = 0; k < c; ++k) sum += std::exp(out[k] - m);
-  const acc_t lse = m + std::log(sum);
-  for (int k = 0; k < c; ++k) out[k] = nan_to_neg_inf(out[k] - lse);
+  math::node_log_probs(out, c);
+  for (int k = 0; k < c; ++k) out[k] = nan_to_neg_inf(out[k]);
 }
 
 // log p(child k | node) for every child k of internal node `node` into out[0 .. c), returns c.
@@ -160,7 +149,7 @@ struct HeapCodec<float> {
   using Less = std::less<uint64_t>;
   static Less less(int64_t) { return {}; }
   HSM_ALWAYS_INLINE static Key encode(const Entry<float>& e, int64_t num_leaves) {
-    const auto u = static_cast<uint32_t>(math::bits_of(e.log_prob + 0.0f));
+    const auto u = std::bit_cast<uint32_t>(e.log_prob + 0.0f);
     const uint32_t order = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
     const uint32_t tie =
         (e.node >= num_leaves ? 0x80000000u : 0u) | (0x7FFFFFFFu - static_cast<uint32_t>(e.node));
@@ -169,10 +158,22 @@ struct HeapCodec<float> {
   HSM_ALWAYS_INLINE static Entry<float> decode(Key k) {
     const auto order = static_cast<uint32_t>(k >> 32);
     const uint32_t u = (order & 0x80000000u) ? (order & 0x7FFFFFFFu) : ~order;
-    return {math::float_from_bits(static_cast<int32_t>(u)),
-            int64_t{0x7FFFFFFF} - static_cast<int64_t>(k & 0x7FFFFFFFu)};
+    return {std::bit_cast<float>(u), int64_t{0x7FFFFFFF} - static_cast<int64_t>(k & 0x7FFFFFFFu)};
   }
 };
+
+// Puts `key` into the hole at `hole` of a max-heap under `less`, moving it up past every parent
+// that ranks below it.
+template <typename Key, typename Less>
+HSM_ALWAYS_INLINE void sift_up(std::vector<Key>& heap, size_t hole, Key key, const Less& less) {
+  while (hole > 0) {
+    const size_t parent = (hole - 1) / 2;
+    if (!less(heap[parent], key)) break;
+    heap[hole] = heap[parent];
+    hole = parent;
+  }
+  heap[hole] = key;
+}
 
 // Removes and returns the first key of a max-heap under `less`. Bottom-up ("Floyd") pop: the
 // hole left at the top sinks along the better child with one comparison per level, then the last
@@ -192,13 +193,7 @@ HSM_ALWAYS_INLINE Key heap_pop(std::vector<Key>& heap, const Less& less) {
     heap[hole] = heap[c];
     hole = c;
   }
-  while (hole > 0) {
-    const size_t parent = (hole - 1) / 2;
-    if (!less(heap[parent], last)) break;
-    heap[hole] = heap[parent];
-    hole = parent;
-  }
-  heap[hole] = last;
+  sift_up(heap, hole, last, less);
   return top;
 }
 
@@ -206,15 +201,8 @@ HSM_ALWAYS_INLINE Key heap_pop(std::vector<Key>& heap, const Less& less) {
 // stops after a comparison or two).
 template <typename Key, typename Less>
 HSM_ALWAYS_INLINE void heap_push(std::vector<Key>& heap, Key key, const Less& less) {
-  size_t hole = heap.size();
   heap.push_back(key);
-  while (hole > 0) {
-    const size_t parent = (hole - 1) / 2;
-    if (!less(heap[parent], key)) break;
-    heap[hole] = heap[parent];
-    hole = parent;
-  }
-  heap[hole] = key;
+  sift_up(heap, heap.size() - 1, key, less);
 }
 
 // Requests the first rows of internal node `node` (at most kMaxRows), to be scored soon.
@@ -550,50 +538,6 @@ struct TreeArgs {
   const at::Tensor& node_row_ptr;
 };
 
-void check_search_args(const at::Tensor& hidden, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, const TreeArgs& tree, int64_t root) {
-  TORCH_CHECK(hidden.dim() == 2, "hidden must have shape (B, D), got ", hidden.sizes());
-  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "hidden must be floating point, got ",
-              hidden.scalar_type());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
-              "weight must have shape (V - 1, D=", hidden.size(1), "), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), "weight dtype ", weight.scalar_type(),
-              " must match hidden dtype ", hidden.scalar_type());
-  const int64_t rows = weight.size(0), num_leaves = rows + 1;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows, "bias must have shape (V - 1,) = (",
-                rows, ",), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), "bias dtype ", bias->scalar_type(),
-                " must match hidden dtype ", hidden.scalar_type());
-    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
-  }
-  TORCH_CHECK(tree.child_ptr.dim() == 1 && tree.child_ptr.scalar_type() == at::kLong,
-              "child_ptr must be a 1-D int64 tensor (M + 1,)");
-  const int64_t internal = tree.child_ptr.size(0) - 1;
-  TORCH_CHECK(internal >= 0, "child_ptr must have M + 1 >= 1 entries");
-  TORCH_CHECK(tree.children.dim() == 1 && tree.children.scalar_type() == at::kInt &&
-                  tree.children.size(0) == num_leaves + internal - 1,
-              "children must be an int32 tensor of shape (N - 1,) = (", num_leaves + internal - 1,
-              ",), got ", tree.children.sizes(), " ", tree.children.scalar_type());
-  TORCH_CHECK(tree.node_row_ptr.dim() == 1 && tree.node_row_ptr.scalar_type() == at::kInt &&
-                  tree.node_row_ptr.size(0) == internal + 1,
-              "node_row_ptr must be an int32 tensor of shape (M + 1,) = (", internal + 1, ",)");
-  TORCH_CHECK(0 <= root && root < num_leaves + internal, "root must be a node id in [0, ",
-              num_leaves + internal, "), got ", root);
-  TORCH_CHECK(internal > 0 || root == 0, "a tree without internal nodes has root 0, got ", root);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"hidden", &hidden},
-                                {"weight", &weight},
-                                {"child_ptr", &tree.child_ptr},
-                                {"children", &tree.children},
-                                {"node_row_ptr", &tree.node_row_ptr}}) {
-    TORCH_CHECK(t->device().is_cpu(), name, " must be on the CPU, got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), name, " must be contiguous");
-  }
-  // the searches follow these arrays without bounds checks
-  check_child_lists(tree.child_ptr.data_ptr<int64_t>(), tree.children.data_ptr<int32_t>(),
-                    tree.node_row_ptr.data_ptr<int32_t>(), internal, num_leaves, root);
-}
-
 template <typename scalar_t>
 SearchArgs<scalar_t> args_of(const at::Tensor& hidden, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const TreeArgs& tree,
@@ -621,7 +565,7 @@ std::tuple<at::Tensor, at::Tensor> topk_leaves_cpu(
     const at::Tensor& child_ptr, const at::Tensor& children, const at::Tensor& node_row_ptr,
     int64_t root, int64_t k) {
   const TreeArgs tree{child_ptr, children, node_row_ptr};
-  check_search_args(hidden, weight, bias, tree, root);
+  check_search_args(hidden, weight, bias, child_ptr, children, node_row_ptr, root);
   const int64_t num_leaves = weight.size(0) + 1;
   TORCH_CHECK(1 <= k && k <= num_leaves, "k must be in [1, V=", num_leaves, "], got ", k);
   auto values = at::empty({hidden.size(0), k}, hidden.options());
@@ -645,33 +589,10 @@ at::Tensor leaf_rank_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                          const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
                          const at::Tensor& path_choice, int64_t root, const at::Tensor& target) {
   const TreeArgs tree{child_ptr, children, node_row_ptr};
-  check_search_args(hidden, weight, bias, tree, root);
-  const int64_t num_leaves = weight.size(0) + 1;
-  TORCH_CHECK(leaf_path_ptr.dim() == 1 && leaf_path_ptr.size(0) == num_leaves + 1 &&
-                  leaf_path_ptr.scalar_type() == at::kLong && leaf_path_ptr.is_contiguous(),
-              "leaf_path_ptr must be a contiguous int64 tensor of shape (V + 1,) = (",
-              num_leaves + 1, ",)");
-  TORCH_CHECK(
-      path_node.dim() == 1 && path_node.scalar_type() == at::kInt && path_node.is_contiguous(),
-      "path_node must be a contiguous 1-D int32 tensor");
-  TORCH_CHECK(path_choice.sizes() == path_node.sizes() && path_choice.scalar_type() == at::kInt &&
-                  path_choice.is_contiguous(),
-              "path_choice must be a contiguous int32 tensor shaped like path_node");
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0),
-              "target must have shape (B=", hidden.size(0), ",), got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.is_contiguous(),
-              "target must be a contiguous int64 tensor, got ", target.scalar_type());
-  for (const auto* t : {&leaf_path_ptr, &path_node, &path_choice, &target}) {
-    TORCH_CHECK(t->device().is_cpu(),
-                "leaf_path_ptr, path_node, path_choice and target must be on "
-                "the CPU, got ",
-                t->device());
-  }
+  check_search_args(hidden, weight, bias, child_ptr, children, node_row_ptr, root);
+  check_rank_args(hidden, weight, child_ptr, node_row_ptr, leaf_path_ptr, path_node, path_choice,
+                  target);
   const int64_t* y = target.data_ptr<int64_t>();
-  check_target_paths(y, target.size(0), node_row_ptr.data_ptr<int32_t>(), child_ptr.size(0) - 1,
-                     leaf_path_ptr.data_ptr<int64_t>(), num_leaves, path_node.data_ptr<int32_t>(),
-                     path_choice.data_ptr<int32_t>(), path_node.size(0),
-                     std::numeric_limits<int64_t>::max());
   auto rank = at::empty({hidden.size(0)}, target.options());
   const int max_children = max_children_of(child_ptr);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -691,7 +612,7 @@ at::Tensor leaf_log_prob_all_cpu(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& children, const at::Tensor& node_row_ptr,
                                  int64_t root) {
   const TreeArgs tree{child_ptr, children, node_row_ptr};
-  check_search_args(hidden, weight, bias, tree, root);
+  check_search_args(hidden, weight, bias, child_ptr, children, node_row_ptr, root);
   auto out = at::empty({hidden.size(0), weight.size(0) + 1}, hidden.options());
   const int max_children = max_children_of(child_ptr);
   const std::vector<int64_t> order = internal_nodes_parents_first(

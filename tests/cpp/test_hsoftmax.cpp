@@ -58,6 +58,28 @@ void test_node_math() {
   expect_near(wide[1], 0.0, 1e-6, "wide coef of the taken child");
 }
 
+// The searches' node_log_probs gives each child the same bits as the path kernel's
+// node_log_softmax gives the child it takes, so a leaf's log-probability is the same float in
+// top-k, rank and log_prob.
+void test_search_and_path_agree() {
+  for (const auto& z : std::vector<std::vector<float>>{
+           {0.3f}, {-4.0f}, {87.5f}, {0.5f, -1.0f}, {2.0f, 2.0f, -3.0f, 0.1f}, {-30.f, 5.f, 1.f}}) {
+    const int n = static_cast<int>(z.size());
+    std::vector<float> all{0.0f};  // child 0's logit slot, then the others'
+    all.insert(all.end(), z.begin(), z.end());
+    hsoftmax::math::node_log_probs(all.data(), n + 1);
+    for (int choice = 0; choice <= n; ++choice) {
+      std::vector<float> buf = z;
+      const float lp = hsoftmax::math::node_log_softmax(buf.data(), n, choice);
+      if (lp != all[choice]) {
+        std::printf("FAIL node_log_probs[%d] = %.9g but node_log_softmax gives %.9g\n", choice,
+                    all[choice], lp);
+        ++failures;
+      }
+    }
+  }
+}
+
 // The binary-node formula in float against double precision over z in [-100, 100].
 void test_float_binary_node() {
   double worst_lp = 0, worst_coef = 0;
@@ -126,6 +148,7 @@ void test_op_through_dispatcher() {
 int main() {
   test_node_math();
   test_float_binary_node();
+  test_search_and_path_agree();
   test_op_through_dispatcher();
   if (failures == 0) std::printf("all C++ tests passed\n");
   return failures == 0 ? 0 : 1;
