@@ -64,9 +64,9 @@ def path_log_prob(
         (B,) ``log p(target | hidden)`` in ``hidden``'s dtype, differentiable w.r.t. ``hidden``,
         ``weight`` and ``bias``.
 
-    Determinism: the CPU forward and backward are bit-reproducible (the weight gradient is a
-    per-row sum in a fixed order). The CUDA weight/bias gradient uses atomic adds, so its last
-    bits may vary between runs; it raises under ``torch.use_deterministic_algorithms(True)``.
+    Determinism: the forward and backward are bit-reproducible on CPU and CUDA: the weight and
+    bias gradients are per-row sums in a fixed order (on CUDA a sorted segmented sum, no
+    atomics; see docs/cuda.md). The CUDA path has been verified only under emulation so far.
     """
     _check_args(hidden, weight, bias, tree, target)
     if sparse_grad and hidden.device.type != "cpu":

@@ -41,7 +41,7 @@ KNOWN_SYNCS = {
     ("hsoftmax/models/history.py", "_check_window"): (
         "bool(bad.any()) validating the window's location ids before they index a table"
     ),
-    ("hsoftmax/nn.py", "_check_target"): (
+    ("hsoftmax/nn/base.py", "_check_target"): (
         "bool(bad.any()) validating the targets' range in the head, to raise IndexError"
     ),
     ("hsoftmax/models/history.py", "topk"): (
@@ -50,10 +50,10 @@ KNOWN_SYNCS = {
     ("hsoftmax/models/history.py", "rank"): (
         "bool(out_w.any()) and bool(in_w.any()): which of the two rank corrections to run"
     ),
-    ("hsoftmax/nn.py", "_nan_to_neg_inf"): (
+    ("hsoftmax/nn/base.py", "_nan_to_neg_inf"): (
         "bool(scores.isnan().any()) to skip a torch.where; the where alone needs no sync"
     ),
-    ("hsoftmax/nn.py", "topk_by_id"): (
+    ("hsoftmax/nn/base.py", "topk_by_id"): (
         "bool(ambiguous.any()): only rows with ties across the k-th place take the exact path"
     ),
     ("hsoftmax/ops.py", "_check_args"): (
