@@ -41,7 +41,34 @@ import torch
 __all__ = ["SparseAdamW", "SparseSGD", "clip_grad_norm_"]
 
 
-class SparseAdamW(torch.optim.Optimizer):
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """What both optimizers share: checked parameter groups and a step over every parameter
+    with a gradient; subclasses supply ``_check_group`` and ``_step_param``."""
+
+    def __init__(self, params, defaults: dict):
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        # a group may override the defaults: check what it will run with before adding it
+        self._check_group({k: param_group.get(k, v) for k, v in self.defaults.items()})
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter that has a gradient; returns closure()."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._step_param(param, group)
+        return loss
+
+
+class SparseAdamW(_RowSparseOptimizer):
     r"""AdamW (decoupled weight decay) that updates only the rows a sparse gradient touches.
 
     For each touched row r with gradient g, at its own step count t_r (after incrementing):
@@ -90,26 +117,11 @@ class SparseAdamW(torch.optim.Optimizer):
             "amsgrad": amsgrad,
             "maximize": maximize,
         }
-        _check_adamw_group(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        # a group may override the defaults: check what it will run with before adding it
-        _check_adamw_group({k: param_group.get(k, v) for k, v in self.defaults.items()})
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimizer step over every parameter that has a gradient; returns closure()."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._step_param(param, group)
-        return loss
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        _check_adamw_group(group)
 
     def _step_param(self, param: torch.Tensor, group: dict) -> None:
         rows, grad = _rows_and_values(param, param.grad, "SparseAdamW")
@@ -145,7 +157,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state[n].index_copy_(0, rows, t)
 
 
-class SparseSGD(torch.optim.Optimizer):
+class SparseSGD(_RowSparseOptimizer):
     r"""SGD with momentum and weight decay that updates only the rows a sparse gradient touches.
 
     ``torch.optim.SGD`` accepts a sparse gradient only without weight decay (with it,
@@ -194,25 +206,11 @@ class SparseSGD(torch.optim.Optimizer):
             "nesterov": nesterov,
             "maximize": maximize,
         }
-        _check_sgd_group(defaults)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict) -> None:
-        _check_sgd_group({k: param_group.get(k, v) for k, v in self.defaults.items()})
-        super().add_param_group(param_group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimizer step over every parameter that has a gradient; returns closure()."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._step_param(param, group)
-        return loss
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        _check_sgd_group(group)
 
     def _step_param(self, param: torch.Tensor, group: dict) -> None:
         rows, grad = _rows_and_values(param, param.grad, "SparseSGD")
