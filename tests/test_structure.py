@@ -8,6 +8,7 @@ edge to ``pkg.name`` when that is a module, else to ``pkg/__init__``.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,14 @@ def test_dependencies_point_one_way():
     assert not bad, "\n".join(bad)
 
 
-def test_the_head_imports_without_the_training_dependencies():
+def _same_hsoftmax(cwd) -> dict:
+    """subprocess arguments under which a child imports the hsoftmax this test imported (the
+    installed package or the source tree), whatever the working directory holds."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    return {"cwd": cwd, "env": env, "capture_output": True, "text": True}
+
+
+def test_the_head_imports_without_the_training_dependencies(tmp_path):
     # a head-only install has torch and numpy: block the [train] extra's packages
     code = """
 import importlib.abc, importlib.machinery, sys
@@ -161,15 +169,15 @@ loss = head(torch.randn(4, 8), torch.tensor([0, 3, 6, 9]))
 loss.backward()
 print(head.topk(torch.randn(2, 8), 3)[1].shape)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], timeout=120, **_same_hsoftmax(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 3])" in out.stdout
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["tree", "build", "--help"]])
-def test_python_dash_m_hsoftmax(argv):
+def test_python_dash_m_hsoftmax(argv, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "hsoftmax", *argv], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "hsoftmax", *argv], timeout=120, **_same_hsoftmax(tmp_path)
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: hsoftmax")
