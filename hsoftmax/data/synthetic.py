@@ -158,44 +158,20 @@ class SynthConfig:
         return dataclasses.replace(self, **changes)
 
 
-PRESETS: dict[str, SynthConfig] = {
-    # Sized like the DIY set (Yogyakarta, 803 users, 15,584 locations, Oct 2021 - Jun 2022).
-    "diy": SynthConfig(name="diy", notes="DIY-sized: 803 users, 15,584 places, 273 days"),
-    # Sized like the Geolife set as used by MHSA (46 users, 1,187 locations, Beijing).  Geolife
-    # users were tracked sparsely over years; the MHSA protocol splits it 0.6/0.2/0.2.
-    "geolife": SynthConfig(
-        name="geolife",
-        n_users=46,
-        n_locations=1_187,
-        pool_factor=5.0,
-        start_date="2008-10-01",
-        n_days=540,
-        utc_offset="+08:00",
-        min_span_days=200,
-        quality_a=1.5,
-        quality_b=3.0,
-        center_lat=39.9042,
-        center_lon=116.4074,
-        region_km=40.0,
-        n_clusters=25,
-        split=(0.6, 0.2, 0.2),
-        notes="Geolife-sized: 46 users, 1,187 places, sparse tracking",
-    ),
-    # For tests and the demo: generates, builds samples and trains in seconds.
-    "small": SynthConfig(
-        name="small",
-        n_users=40,
-        n_locations=400,
-        n_days=120,
-        min_span_days=110,
-        quality_min=0.6,
-        quality_max=0.9,
-        pool_factor=2.0,
-        region_km=12.0,
-        n_clusters=10,
-        notes="tiny: 40 users, 400 places, 90 days",
-    ),
-}
+def _load_presets() -> dict[str, SynthConfig]:
+    # The presets are data: presets.yaml lists each one's changes to SynthConfig's defaults.
+    import yaml
+
+    text = (Path(__file__).with_name("presets.yaml")).read_text(encoding="utf-8")
+    tuples = {f.name for f in dataclasses.fields(SynthConfig) if str(f.type).startswith("tuple")}
+    presets = {}
+    for name, changes in yaml.safe_load(text).items():
+        changes = {k: tuple(v) if k in tuples else v for k, v in (changes or {}).items()}
+        presets[name] = SynthConfig(name=name, **changes)
+    return presets
+
+
+PRESETS: dict[str, SynthConfig] = _load_presets()
 
 
 def get_preset(name: str) -> SynthConfig:
