@@ -41,11 +41,58 @@ import torch
 __all__ = ["SparseAdamW", "SparseSGD", "clip_grad_norm_"]
 
 
+def _check_number(name, value, low=0.0, high=None, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_adamw_group(group: dict) -> None:
+    _check_number("lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        _check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    _check_number("eps", group["eps"])
+    _check_number("weight_decay", group["weight_decay"])
+    _check_flag("amsgrad", group["amsgrad"])
+    _check_flag("maximize", group["maximize"])
+
+
+def _check_sgd_group(group: dict) -> None:
+    _check_number("lr", group["lr"])
+    _check_number("momentum", group["momentum"])
+    _check_number("dampening", group["dampening"], 0.0, 1.0)
+    _check_number("weight_decay", group["weight_decay"])
+    _check_flag("nesterov", group["nesterov"])
+    _check_flag("maximize", group["maximize"])
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            "nesterov=True needs momentum > 0 and dampening == 0, got "
+            f"momentum={group['momentum']}, dampening={group['dampening']}"
+        )
+
+
 class _RowSparseOptimizer(torch.optim.Optimizer):
     """What both optimizers share: checked parameter groups and a step over every parameter
     with a gradient; subclasses supply ``_check_group`` and ``_step_param``."""
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, hyperparameters: dict):
+        # a subclass passes its __init__'s locals(): its hyperparameters are its arguments
+        defaults = {
+            k: v for k, v in hyperparameters.items() if k not in ("self", "params", "__class__")
+        }
         self._check_group(defaults)
         super().__init__(params, defaults)
 
@@ -63,8 +110,12 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is not None:
-                    self._step_param(param, group)
+                if param.grad is None:
+                    continue
+                rows, grad = _rows_and_values(param, param.grad, type(self).__name__)
+                if group["maximize"]:
+                    grad = -grad
+                self._step_param(param, rows, grad, group)
         return loss
 
 
@@ -98,6 +149,8 @@ class SparseAdamW(_RowSparseOptimizer):
     like the parameter. ``state_dict`` / ``load_state_dict`` round-trip them.
     """
 
+    _check_group = staticmethod(_check_adamw_group)
+
     def __init__(
         self,
         params,
@@ -109,32 +162,21 @@ class SparseAdamW(_RowSparseOptimizer):
         *,
         maximize: bool = False,
     ):
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, locals())
 
-    @staticmethod
-    def _check_group(group: dict) -> None:
-        _check_adamw_group(group)
-
-    def _step_param(self, param: torch.Tensor, group: dict) -> None:
-        rows, grad = _rows_and_values(param, param.grad, "SparseAdamW")
-        if group["maximize"]:
-            grad = -grad
+    def _state_of(self, param: torch.Tensor, amsgrad: bool) -> tuple[dict, list[str]]:
+        """The parameter's state (created at its first step) and the names of its moments."""
         state = self.state[param]
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
         if not state:
             state["step"] = torch.zeros(param.shape[:1], dtype=torch.int64, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        for name in names:
+            if name not in state:
+                state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state, names
+
+    def _step_param(self, param, rows, grad, group: dict) -> None:
+        state, names = self._state_of(param, group["amsgrad"])
         if rows is None:  # dense: every row, in place
             state["step"] += 1
             _adamw_update(param, grad, [state[n] for n in names], state["step"], group)
@@ -187,6 +229,8 @@ class SparseSGD(_RowSparseOptimizer):
     ``momentum_buffer`` shaped like the parameter.
     """
 
+    _check_group = staticmethod(_check_sgd_group)
+
     def __init__(
         self,
         params,
@@ -198,26 +242,11 @@ class SparseSGD(_RowSparseOptimizer):
         *,
         maximize: bool = False,
     ):
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, locals())
 
-    @staticmethod
-    def _check_group(group: dict) -> None:
-        _check_sgd_group(group)
-
-    def _step_param(self, param: torch.Tensor, group: dict) -> None:
-        rows, grad = _rows_and_values(param, param.grad, "SparseSGD")
+    def _step_param(self, param, rows, grad, group: dict) -> None:
         if rows is not None and rows.numel() == 0:
             return
-        if group["maximize"]:
-            grad = -grad
         momentum = group["momentum"]
         state = self.state[param]
         if momentum != 0 and not state:
@@ -398,46 +427,3 @@ def _sgd_update(param, grad, buf, step, group):
 
 
 # ---------------------------------------------------------------------- argument checks
-
-
-def _check_number(name, value, low=0.0, high=None, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-
-
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_adamw_group(group: dict) -> None:
-    _check_number("lr", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, tuple | list) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        _check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
-    _check_number("eps", group["eps"])
-    _check_number("weight_decay", group["weight_decay"])
-    _check_flag("amsgrad", group["amsgrad"])
-    _check_flag("maximize", group["maximize"])
-
-
-def _check_sgd_group(group: dict) -> None:
-    _check_number("lr", group["lr"])
-    _check_number("momentum", group["momentum"])
-    _check_number("dampening", group["dampening"], 0.0, 1.0)
-    _check_number("weight_decay", group["weight_decay"])
-    _check_flag("nesterov", group["nesterov"])
-    _check_flag("maximize", group["maximize"])
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            "nesterov=True needs momentum > 0 and dampening == 0, got "
-            f"momentum={group['momentum']}, dampening={group['dampening']}"
-        )
