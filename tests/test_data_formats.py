@@ -525,3 +525,11 @@ def test_trackintel_frame_in_memory_equals_its_csv(trackintel_frames, tmp_path):
         DataFormatError, match=r"frame: column 'user_id' must hold integers; .*1\.5"
     ):
         validate_staypoints(bad, source="frame")
+
+
+def test_load_dir_refuses_unknown_options_before_reading(tmp_path):
+    # checked before the directory is read: a typo must not pass silently on the MHSA path,
+    # where the staypoint options are not used
+    (tmp_path / "x_train.pk").write_bytes(b"not read")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['min_histroy'\]"):
+        load_dir(tmp_path, min_histroy=3)

@@ -35,8 +35,6 @@ __all__ = [
     "load_dir",
 ]
 
-logger = logging.getLogger("hsoftmax.data")
-
 DEFAULT_SPLIT = (0.8, 0.1, 0.1)
 DEFAULT_PREVIOUS_DAY = 7
 DEFAULT_MIN_HISTORY = 3
@@ -45,6 +43,10 @@ MHSA_SETTINGS = {
     "diy": {"split": (0.8, 0.1, 0.1), "previous_day": 7, "min_history": 3},
     "geolife": {"split": MHSA_SPLIT, "previous_day": 7, "min_history": 3},
 }
+
+logger = logging.getLogger("hsoftmax.data")
+# the keyword arguments of load_staypoints that load_dir passes on
+_STAYPOINT_OPTIONS = ("min_history", "tz", "activities_only")
 
 
 def parse_split(split) -> tuple[float, float, float]:
@@ -145,11 +147,9 @@ def load_dir(
     path: str | os.PathLike,
     *,
     previous_day: int | None = None,
-    min_history: int | None = None,
     split=None,
-    tz: str | None = None,
-    activities_only: bool = True,
     progress: bool = True,
+    **staypoint_options,
 ) -> MobilityData:
     """Load the samples of a data directory (or of a staypoint CSV file).
 
@@ -159,13 +159,14 @@ def load_dir(
             directory's ``locations.csv`` is used when present).
         previous_day: history window in days (staypoints; default 7) or the MHSA variant to
             choose (pickles; needed when several are present).
-        min_history: minimum history stays of a sample (staypoints only; default 3).
         split: train/validation/test ratios per user by day (staypoints; default 0.8/0.1/0.1),
             or the split MHSA used, to recover its location encoding from ``dataSet_*.csv``
             (pickles; default 0.6/0.2/0.2).  A sequence or text ``"0.6,0.2,0.2"``.
-        tz: time zone for timestamps (staypoints; default: wall time as written).
-        activities_only: drop stays with ``is_activity`` false (staypoints).
         progress: progress bars.
+        staypoint_options: for staypoints only, passed on to :func:`load_staypoints`:
+            ``min_history`` (minimum history stays of a sample; default 3), ``tz`` (time zone
+            of the timestamps; default: wall time as written) and ``activities_only`` (drop
+            stays with ``is_activity`` false; default true).
 
     Returns:
         :class:`~hsoftmax.data.samples.MobilityData` with ``path`` set to the absolute
@@ -180,26 +181,28 @@ def load_dir(
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data path {p} does not exist")
+    unknown = sorted(set(staypoint_options) - set(_STAYPOINT_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"load_dir() got unexpected keyword arguments {unknown}; "
+            f"staypoint options are {list(_STAYPOINT_OPTIONS)}"
+        )
     previous_day = _positive_int("previous_day", previous_day)
-    min_history = _positive_int("min_history", min_history)
-    opts = {"tz": tz, "activities_only": activities_only, "progress": progress}
+    min_history = _positive_int("min_history", staypoint_options.pop("min_history", None))
+    opts = {"min_history": min_history, "progress": progress, **staypoint_options}
     if p.is_file():
         if p.suffix.lower() != ".csv":
             raise FileNotFoundError(
                 f"data path {p} is a file; give a staypoint CSV or the directory of the pickles"
             )
         _, locs = find_staypoint_files(p.parent)
-        return load_staypoints(
-            p, locs, previous_day=previous_day, min_history=min_history, split=split, **opts
-        )
+        return load_staypoints(p, locs, previous_day=previous_day, split=split, **opts)
     sp, locs = find_staypoint_files(p)
     variants = find_mhsa_variants(p)
     if sp is not None:
         if variants:
             logger.info("%s: using %s (the MHSA pickles beside it are not read)", p, sp.name)
-        return load_staypoints(
-            sp, locs, previous_day=previous_day, min_history=min_history, split=split, **opts
-        )
+        return load_staypoints(sp, locs, previous_day=previous_day, split=split, **opts)
     if not variants and (p / "temp").is_dir() and find_mhsa_variants(p / "temp"):
         # the MHSA code's own layout: tables in data/, pickles in data/temp/
         logger.info("%s: reading the MHSA pickles in %s", p, p / "temp")

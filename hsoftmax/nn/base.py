@@ -52,6 +52,7 @@ __all__ = [
     "topk_by_id",
 ]
 
+# what a head's loss can reduce to, and where label smoothing spreads its mass
 _REDUCTIONS = ("mean", "sum", "none")
 SMOOTHING_MODES = ("leaves", "nodes")
 
