@@ -46,6 +46,19 @@ class _Compiled(NamedTuple):
     path_choice: torch.Tensor  # (P,) int32: position of the child taken among its siblings
 
 
+def one_dim_array(values, name: str, item: str, what: str = "") -> np.ndarray:
+    """``values`` (a tensor, array or sequence) as a non-empty 1-D NumPy array, one entry per
+    ``item`` of a tree; a ValueError names ``name`` otherwise (``what`` says what an entry is)."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D{what}, got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: a tree needs at least one {item}")
+    return arr
+
+
 class Tree:
     """A rooted tree whose leaves ``0 .. V-1`` are the classes of a hierarchical softmax.
 
@@ -83,13 +96,7 @@ class Tree:
                 more roots, a leaf with children, an internal node with fewer than 2 children,
                 a cycle or a node unreachable from the root.
         """
-        if isinstance(parents, torch.Tensor):
-            parents = parents.detach().cpu().numpy()
-        arr = np.asarray(parents)
-        if arr.ndim != 1:
-            raise ValueError(f"parents must be 1-D, got shape {tuple(arr.shape)}")
-        if arr.size == 0:
-            raise ValueError("parents is empty: a tree needs at least one node")
+        arr = one_dim_array(parents, "parents", "node")
         if not np.issubdtype(arr.dtype, np.integer):
             if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
                 arr = arr.astype(np.int64)

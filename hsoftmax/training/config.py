@@ -38,7 +38,14 @@ __all__ = [
     "resume_config",
 ]
 
-PACKAGED_CONFIGS = ("demo", "diy", "geolife")
+# the YAML files shipped in hsoftmax/training/configs/, by name
+PACKAGED_CONFIGS = tuple(
+    sorted(
+        f.name.removesuffix(".yaml")
+        for f in resources.files(__package__).joinpath("configs").iterdir()
+        if f.name.endswith(".yaml")
+    )
+)
 OPTIMIZERS = ("adamw", "sparse_adamw")
 
 

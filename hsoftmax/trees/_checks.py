@@ -7,17 +7,13 @@ import math
 import numpy as np
 import torch
 
+from hsoftmax.tree import one_dim_array
+
 _EARTH_RADIUS_KM = 6371.0088
 
 
 def _as_counts(counts, name: str) -> np.ndarray:
-    if isinstance(counts, torch.Tensor):
-        counts = counts.detach().cpu().numpy()
-    w = np.asarray(counts)
-    if w.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one count per leaf), got shape {w.shape}")
-    if w.size == 0:
-        raise ValueError(f"{name} is empty: a tree needs at least one leaf")
+    w = one_dim_array(counts, name, "leaf", " (one count per leaf)")
     if w.dtype == bool or not (
         np.issubdtype(w.dtype, np.integer) or np.issubdtype(w.dtype, np.floating)
     ):
