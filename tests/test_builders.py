@@ -500,26 +500,33 @@ def inputs(tmp_path):
     ],
 )
 def test_cli_build_writes_tree_and_prints_stats(inputs, args, capsys):
-    from hsoftmax.cli.tree import main
+    from hsoftmax.cli import main
 
     out = inputs / "t.hst"
-    argv = ["build", *(a.format(d=inputs) for a in args), "--out", str(out), "--no-progress"]
+    argv = [
+        "tree",
+        "build",
+        *(a.format(d=inputs) for a in args),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "dot products" in printed and "60 leaves" in printed
     tree = Tree.load(out)
     assert tree.num_leaves == 60
-    assert main(["stats", str(out), "--counts", str(inputs / "counts.npy")]) == 0
+    assert main(["tree", "stats", str(out), "--counts", str(inputs / "counts.npy")]) == 0
     assert "expected" in capsys.readouterr().out
 
 
 def test_cli_stats_json(inputs, capsys):
     import json
 
-    from hsoftmax.cli.tree import main
+    from hsoftmax.cli import main
 
     Tree.balanced(60, 4).save(inputs / "b.hst")
-    assert main(["stats", str(inputs / "b.hst"), "--json"]) == 0
+    assert main(["tree", "stats", str(inputs / "b.hst"), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["num_leaves"] == 60 and stats["depth"] == 3
 
@@ -537,12 +544,12 @@ def test_cli_stats_json(inputs, capsys):
     ],
 )
 def test_cli_errors_name_the_file(inputs, argv, message, capsys):
-    from hsoftmax.cli.tree import main
+    from hsoftmax.cli import main
 
     Tree.balanced(10).save(inputs / "good.hst")
     (inputs / "trunc.hst").write_bytes((inputs / "good.hst").read_bytes()[:50])
     argv = [a.format(d=inputs) for a in argv] + (
         ["--out", str(inputs / "o.hst")] if argv[0] == "build" else []
     )
-    assert main(argv) == 1
+    assert main(["tree", *argv]) == 1
     assert message in capsys.readouterr().err

@@ -5,7 +5,6 @@ Each handler takes the parsed ``args`` and returns an exit code (0 ok, 1 bad inp
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -148,11 +147,3 @@ def register(subparsers) -> None:
     p.add_argument("--only", nargs="+", help="subset of baselines to run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_guard(_baselines))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``hsoftmax data ...`` without the top-level router (for testing)."""
-    parser = argparse.ArgumentParser(prog="hsoftmax")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["data", *(argv or [])])
-    return int(args.func(args) or 0)

@@ -233,11 +233,3 @@ def register(subparsers) -> None:
     p.add_argument("--counts", help="leaf counts for the expected costs")
     p.add_argument("--json", action="store_true", help="print the stats as one JSON object")
     p.set_defaults(func=_guard(_stats))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``hsoftmax tree ...`` without the top-level router (for testing)."""
-    parser = argparse.ArgumentParser(prog="hsoftmax")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["tree", *(argv or [])])
-    return int(args.func(args) or 0)
