@@ -59,6 +59,22 @@ def one_dim_array(values, name: str, item: str, what: str = "") -> np.ndarray:
     return arr
 
 
+class _TensorCopy:
+    """A read-only attribute that returns a fresh int64 tensor copy of a private array, so a
+    caller can never change the tree's own tables."""
+
+    def __init__(self, attr: str, doc: str):
+        self.attr, self.__doc__ = attr, doc
+
+    def __get__(self, tree, owner=None):
+        if tree is None:
+            return self
+        return torch.from_numpy(getattr(tree, self.attr).copy())
+
+    def __set__(self, tree, value):
+        raise AttributeError(f"a Tree's {self.attr[1:]} cannot be set: trees are immutable")
+
+
 class Tree:
     """A rooted tree whose leaves ``0 .. V-1`` are the classes of a hierarchical softmax.
 
@@ -212,15 +228,13 @@ class Tree:
         """R: the most weight rows one leaf's path touches (sum of ``c - 1`` along the path)."""
         return self._max_path_rows
 
-    @property
-    def parents(self) -> torch.Tensor:
-        """(N,) int64 parent of every node, -1 for the root: the ``from_parents`` form."""
-        return torch.from_numpy(self._parents.copy())
+    parents = _TensorCopy(
+        "_parents", "(N,) int64 parent of every node, -1 for the root: the ``from_parents`` form."
+    )
 
-    @property
-    def leaf_depth(self) -> torch.Tensor:
-        """(V,) int64 number of internal nodes (edges) on each leaf's path."""
-        return torch.from_numpy(self._leaf_depth.copy())
+    leaf_depth = _TensorCopy(
+        "_leaf_depth", "(V,) int64 number of internal nodes (edges) on each leaf's path."
+    )
 
     def children(self, node: int) -> list[int]:
         """Children of ``node`` in order (the first has logit 0)."""
@@ -229,15 +243,14 @@ class Tree:
             return []
         return self._children[self._child_ptr[i] : self._child_ptr[i + 1]].tolist()
 
-    @property
-    def child_ptr(self) -> torch.Tensor:
-        """(M + 1,) int64 CSR offsets into :attr:`children_flat` per internal node."""
-        return torch.from_numpy(self._child_ptr.copy())
+    child_ptr = _TensorCopy(
+        "_child_ptr", "(M + 1,) int64 CSR offsets into :attr:`children_flat` per internal node."
+    )
 
-    @property
-    def children_flat(self) -> torch.Tensor:
-        """(N - 1,) int64 children of the internal nodes, grouped by node, ordered by id."""
-        return torch.from_numpy(self._children.copy())
+    children_flat = _TensorCopy(
+        "_children",
+        "(N - 1,) int64 children of the internal nodes, grouped by node, ordered by id.",
+    )
 
     def compiled(self, device: torch.device | str = "cpu") -> _Compiled:
         """The kernel tensors on ``device``, moved once and cached."""

@@ -186,3 +186,14 @@ def test_random_trees_are_valid(num_leaves, seed, max_children):
     assert bool((counts[num_leaves:] >= 2).all())
     assert Tree.from_parents(parents) == tree
     assert tree.num_rows == num_leaves - 1
+
+
+def test_table_attributes_are_copies_and_read_only():
+    tree = Tree.from_parents([3, 3, 4, 4, -1])
+    for name in ("parents", "leaf_depth", "child_ptr", "children_flat"):
+        table = getattr(tree, name)
+        table.fill_(99)  # a caller's copy: the tree keeps its own table
+        assert not torch.equal(getattr(tree, name), table), name
+        with pytest.raises(AttributeError, match=f"a Tree's {name} cannot be set"):
+            setattr(tree, name, table)
+    assert tree.parents.tolist() == [3, 3, 4, 4, -1]
