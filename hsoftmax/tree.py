@@ -66,13 +66,16 @@ class _TensorCopy:
     def __init__(self, attr: str, doc: str):
         self.attr, self.__doc__ = attr, doc
 
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
     def __get__(self, tree, owner=None):
         if tree is None:
             return self
         return torch.from_numpy(getattr(tree, self.attr).copy())
 
     def __set__(self, tree, value):
-        raise AttributeError(f"a Tree's {self.attr[1:]} cannot be set: trees are immutable")
+        raise AttributeError(f"a Tree's {self.name} cannot be set: trees are immutable")
 
 
 class Tree:
