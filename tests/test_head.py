@@ -605,8 +605,22 @@ def test_bad_inputs_name_the_argument(kind):
         head(hidden, target, ignore_index=1.0)
 
 
+def test_head_from_a_tree_file(tmp_path):
+    tree = Tree.from_parents([5, 5, 6, 6, 7, 7, 7, -1])
+    tree.save(tmp_path / "t.hst")
+    torch.manual_seed(0)
+    from_file = HierarchicalSoftmax(3, tmp_path / "t.hst")
+    torch.manual_seed(0)
+    from_tree = HierarchicalSoftmax(3, tree)
+    assert torch.equal(from_file.tree.parents, tree.parents)
+    hidden, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 4])
+    torch.testing.assert_close(from_file(hidden, target), from_tree(hidden, target))
+    with pytest.raises(FileNotFoundError):
+        HierarchicalSoftmax(3, str(tmp_path / "missing.hst"))
+
+
 def test_constructor_errors():
-    with pytest.raises(TypeError, match="tree must be an hsoftmax.Tree"):
+    with pytest.raises(TypeError, match="tree must be an hsoftmax.Tree or a tree file's path"):
         HierarchicalSoftmax(4, [0, 1])
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         HierarchicalSoftmax(0, Tree.balanced(3))

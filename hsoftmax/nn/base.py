@@ -94,6 +94,15 @@ class Head(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
 
+    def _make_parameters(self, rows: int, in_features: int, bias: bool, factory: dict) -> None:
+        """Checks ``in_features`` and creates ``weight`` (rows, D) and ``bias`` (rows,) or None;
+        ``factory`` holds the ``device`` and ``dtype`` arguments."""
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(rows, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(rows, **factory)) if bias else None
+
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias."""
         bound = 1.0 / math.sqrt(self.in_features)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hsoftmax.nn.base import Head
 
@@ -27,14 +26,10 @@ class DenseSoftmax(Head):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self._num_classes = num_classes
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_classes, **factory)) if bias else None
+        self._make_parameters(num_classes, in_features, bias, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     is_flat = True

@@ -4,10 +4,10 @@ for the interface, tie rule and label smoothing it shares with the dense head)."
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from hsoftmax import ops
 from hsoftmax.nn.base import Head
@@ -34,15 +34,16 @@ class HierarchicalSoftmax(Head):
     :class:`hsoftmax.optim.SparseAdamW`. ``log_prob_all`` and label smoothing over leaves score
     every row and still give dense gradients.
 
-    The tree is stored in the ``state_dict`` (buffers ``tree_parents``, ``tree_num_leaves``):
-    loading a state dict replaces this head's tree, and :meth:`from_state_dict` rebuilds a head
-    without the tree file.
+    ``tree`` is a :class:`~hsoftmax.Tree` or the path of a tree file (``Tree.save``,
+    ``hsoftmax tree build``). The tree is stored in the ``state_dict`` (buffers
+    ``tree_parents``, ``tree_num_leaves``): loading a state dict replaces this head's tree, and
+    :meth:`from_state_dict` rebuilds a head without the tree file.
     """
 
     def __init__(
         self,
         in_features: int,
-        tree: Tree,
+        tree: Tree | str | os.PathLike,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -50,14 +51,13 @@ class HierarchicalSoftmax(Head):
     ):
         super().__init__()
         self.sparse_grad = bool(sparse_grad)
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if isinstance(tree, str | os.PathLike):
+            tree = Tree.load(tree)
         if not isinstance(tree, Tree):
-            raise TypeError(f"tree must be an hsoftmax.Tree, got {type(tree).__name__}")
-        factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
-        self.weight = nn.Parameter(torch.empty(tree.num_rows, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(tree.num_rows, **factory)) if bias else None
+            raise TypeError(
+                f"tree must be an hsoftmax.Tree or a tree file's path, got {type(tree).__name__}"
+            )
+        self._make_parameters(tree.num_rows, in_features, bias, {"device": device, "dtype": dtype})
         self._set_tree(tree)
         self.reset_parameters()
 
