@@ -369,6 +369,10 @@ def test_from_cooccurrence_rejects_bad_input():
         trees.from_cooccurrence(np.ones((3, 4)))
     with pytest.raises(ValueError, match=">= 0"):
         trees.from_cooccurrence(-np.ones((3, 3)))
+    with pytest.raises(TypeError, match="takes no coords"):
+        trees.from_cooccurrence(np.ones((3, 3)), coords="latlon")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_child'"):
+        trees.from_cooccurrence(np.ones((4, 4)), max_child=2)
 
 
 # ------------------------------------------------------------------------------- statistics

@@ -15,12 +15,10 @@ from hsoftmax.trees.kmeans import from_features
 def from_cooccurrence(
     transitions,
     branching: Sequence[int] | int | str = (150,),
-    seed: int = 0,
     *,
     dim: int | None = None,
-    max_children: int | None = None,
-    max_fraction: float = 0.75,
-    progress: bool = False,
+    seed: int = 0,
+    **kmeans_options,
 ) -> Tree:
     """Clusters of leaves that follow each other: spectral embedding of the transition graph,
     then the balanced hierarchical k-means of :func:`from_features` on it.
@@ -37,27 +35,24 @@ def from_cooccurrence(
     Args:
         transitions: (V, V) non-negative counts, ``transitions[a, b]`` = moves from ``a`` to
             ``b``; a scipy.sparse matrix or a dense array.
-        branching, seed, max_children, max_fraction, progress: as in :func:`from_features`.
+        branching, seed: as in :func:`from_features`.
         dim: embedding dimension; default ``min(V - 1, 64)``.
+        kmeans_options: passed on to :func:`from_features` (``max_children``,
+            ``max_fraction``, ``n_init``, ``progress``); not ``coords``: the embedding is not a
+            set of coordinates.
 
     Returns:
         The tree (deterministic under ``seed``).
     """
+    if "coords" in kmeans_options:
+        raise TypeError("from_cooccurrence() takes no coords: it clusters a spectral embedding")
     adj = _as_adjacency(transitions)
     v = adj.shape[0]
     seed = _int_at_least(seed, 0, "seed")
     if v <= 2:
-        return from_features(np.zeros((v, 1)), branching, seed, max_children=max_children)
+        return from_features(np.zeros((v, 1)), branching, seed, **kmeans_options)
     dim = min(v - 1, 64) if dim is None else _int_at_least(dim, 1, "dim")
-    emb = spectral_embedding(adj, dim, seed)
-    return from_features(
-        emb,
-        branching,
-        seed,
-        max_children=max_children,
-        max_fraction=max_fraction,
-        progress=progress,
-    )
+    return from_features(spectral_embedding(adj, dim, seed), branching, seed, **kmeans_options)
 
 
 def spectral_embedding(adjacency, dim: int, seed: int = 0) -> np.ndarray:
