@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hsoftmax.models import (
+    HistoryEncoder,
     HistoryMixture,
     HistoryScorer,
     ParameterBudgetError,
@@ -457,3 +458,15 @@ def test_node_smoothing_in_the_mixture(head, tree):
     if head == "hsoftmax":  # a different objective on a deep tree; the same without smoothing
         assert not torch.allclose(leaves(batch, label_smoothing=eps), got)
     torch.testing.assert_close(leaves(batch), model(batch), rtol=0, atol=0)
+
+
+def test_encoder_sizes_default_and_unknown_ones_are_refused():
+    from hsoftmax.models.history_centric import ENCODER_DEFAULTS
+
+    enc = HistoryEncoder(30, 5, d_model=16, nhead=2, num_layers=1, dim_feedforward=8)
+    assert enc.loc_emb.embedding_dim == ENCODER_DEFAULTS["loc_emb_dim"]
+    assert len(enc.layers.layers) == 1 and enc.d_model == 16
+    widths = sum(v for k, v in ENCODER_DEFAULTS.items() if k.endswith("_emb_dim"))
+    assert enc.input_proj.in_features == widths
+    with pytest.raises(TypeError, match=r"unknown sizes \['loc_dim'\]"):
+        HistoryEncoder(30, 5, loc_dim=8)

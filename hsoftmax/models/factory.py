@@ -16,7 +16,7 @@ from hsoftmax import trees
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
 from hsoftmax.tree import Tree
 
-from .history_centric import HistoryCentricModel, HistoryEncoder
+from .history_centric import ENCODER_DEFAULTS, HistoryCentricModel, HistoryEncoder
 
 __all__ = [
     "ENCODER_SIZE_KEYS",
@@ -33,34 +33,11 @@ __all__ = [
 
 HEADS = ("hsoftmax", "dense")
 # the encoder's size keys of the model config (positive ints), passed to HistoryEncoder
-ENCODER_SIZE_KEYS = (
-    "loc_emb_dim",
-    "user_emb_dim",
-    "time_emb_dim",
-    "weekday_emb_dim",
-    "duration_emb_dim",
-    "diff_emb_dim",
-    "d_model",
-    "num_layers",
-    "nhead",
-    "dim_feedforward",
-    "max_len",
-)
+ENCODER_SIZE_KEYS = tuple(k for k in ENCODER_DEFAULTS if k != "dropout")
 TREES = ("balanced", "kmeans", "huffman", "cooccurrence")  # or a tree file
 
 MODEL_DEFAULTS: dict = {
-    "loc_emb_dim": 48,
-    "user_emb_dim": 16,
-    "time_emb_dim": 16,
-    "weekday_emb_dim": 8,
-    "duration_emb_dim": 16,
-    "diff_emb_dim": 8,
-    "d_model": 112,
-    "num_layers": 4,
-    "nhead": 8,
-    "dim_feedforward": 224,
-    "dropout": 0.2,
-    "max_len": 512,
+    **ENCODER_DEFAULTS,
     "head": "hsoftmax",  # hsoftmax | dense
     "tree": "kmeans",  # balanced | kmeans | huffman (hsoftmax head only)
     "tree_arity": 2,  # balanced and huffman trees

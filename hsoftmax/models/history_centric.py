@@ -21,9 +21,25 @@ from hsoftmax.nn import Dropout, check_smoothing_mode
 from . import history as hist
 from .layers import EncoderLayer, encode_packed
 
-__all__ = ["HistoryCentricModel", "HistoryEncoder"]
+__all__ = ["ENCODER_DEFAULTS", "HistoryCentricModel", "HistoryEncoder"]
 
 _MAX_DIFF = 64  # diff (days before the target day) is clamped to this many embedding rows
+# the encoder's sizes and their defaults (the seed report's configuration): HistoryEncoder's
+# keyword arguments and the model config's keys of the same names
+ENCODER_DEFAULTS: dict = {
+    "loc_emb_dim": 48,
+    "user_emb_dim": 16,
+    "time_emb_dim": 16,
+    "weekday_emb_dim": 8,
+    "duration_emb_dim": 16,
+    "diff_emb_dim": 8,
+    "d_model": 112,
+    "num_layers": 4,
+    "nhead": 8,
+    "dim_feedforward": 224,
+    "dropout": 0.2,
+    "max_len": 512,
+}
 
 
 class HistoryEncoder(nn.Module):
@@ -38,45 +54,43 @@ class HistoryEncoder(nn.Module):
     no real position attends to padding, and the key-padding mask makes that explicit.
     """
 
-    def __init__(
-        self,
-        n_locations: int,
-        n_users: int,
-        loc_emb_dim: int = 48,
-        user_emb_dim: int = 16,
-        time_emb_dim: int = 16,
-        weekday_emb_dim: int = 8,
-        duration_emb_dim: int = 16,
-        diff_emb_dim: int = 8,
-        d_model: int = 112,
-        num_layers: int = 4,
-        nhead: int = 8,
-        dim_feedforward: int = 224,
-        dropout: float = 0.2,
-        max_len: int = 512,
-        sparse: bool = False,
-    ):
+    def __init__(self, n_locations: int, n_users: int, *, sparse: bool = False, **sizes):
+        """``sizes``: any of :data:`ENCODER_DEFAULTS`' keys (the embedding widths, ``d_model``,
+        ``num_layers``, ``nhead``, ``dim_feedforward``, ``dropout``, ``max_len``), each
+        defaulting to its value there. ``sparse``: row-sparse gradients for the location
+        embedding (only the batch's locations), for large vocabularies."""
         super().__init__()
+        unknown = sorted(set(sizes) - set(ENCODER_DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"HistoryEncoder got unknown sizes {unknown}; known: {list(ENCODER_DEFAULTS)}"
+            )
+        sizes = {**ENCODER_DEFAULTS, **sizes}
+        loc_emb_dim, d_model, nhead = sizes["loc_emb_dim"], sizes["d_model"], sizes["nhead"]
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
         self.d_model = d_model
         # sparse: a row-sparse gradient (only the batch's locations) for large vocabularies
         self.loc_emb = nn.Embedding(n_locations, loc_emb_dim, padding_idx=0, sparse=sparse)
-        self.user_emb = nn.Embedding(n_users, user_emb_dim)
-        self.time_emb = nn.Embedding(N_TIME_SLOTS, time_emb_dim)
-        self.weekday_emb = nn.Embedding(N_WEEKDAYS, weekday_emb_dim)
-        self.duration_emb = nn.Embedding(N_DURATIONS, duration_emb_dim)
-        self.diff_emb = nn.Embedding(_MAX_DIFF, diff_emb_dim)
-        width = loc_emb_dim + user_emb_dim + time_emb_dim + weekday_emb_dim
-        width += duration_emb_dim + diff_emb_dim
+        self.user_emb = nn.Embedding(n_users, sizes["user_emb_dim"])
+        self.time_emb = nn.Embedding(N_TIME_SLOTS, sizes["time_emb_dim"])
+        self.weekday_emb = nn.Embedding(N_WEEKDAYS, sizes["weekday_emb_dim"])
+        self.duration_emb = nn.Embedding(N_DURATIONS, sizes["duration_emb_dim"])
+        self.diff_emb = nn.Embedding(_MAX_DIFF, sizes["diff_emb_dim"])
+        width = sum(v for k, v in sizes.items() if k.endswith("_emb_dim"))
         self.input_proj = nn.Linear(width, d_model)
-        self.register_buffer("position", _sinusoid(max_len, d_model), persistent=False)
-        self.dropout = Dropout(dropout)
+        self.register_buffer("position", _sinusoid(sizes["max_len"], d_model), persistent=False)
+        self.dropout = Dropout(sizes["dropout"])
         layer = EncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, batch_first=True, norm_first=True
+            d_model,
+            nhead,
+            sizes["dim_feedforward"],
+            sizes["dropout"],
+            batch_first=True,
+            norm_first=True,
         )
         self.layers = nn.TransformerEncoder(
-            layer, num_layers, enable_nested_tensor=False, norm=nn.LayerNorm(d_model)
+            layer, sizes["num_layers"], enable_nested_tensor=False, norm=nn.LayerNorm(d_model)
         )
 
     def forward(self, batch: dict[str, torch.Tensor], all_positions: bool = False) -> torch.Tensor:
