@@ -52,10 +52,13 @@ def register(subparsers) -> None:
 
     e = subparsers.add_parser(
         "evaluate",
-        help="re-evaluate a run's checkpoint",
-        description="Re-evaluate RUN_DIR/ckpt.pt (the best epoch) and print the metrics table.",
+        help="re-evaluate a run's checkpoint, or an ensemble of runs",
+        description="Re-evaluate RUN_DIR/ckpt.pt (the best epoch) and print the metrics table. "
+        "With several RUN_DIRs: the ensemble that averages their probabilities (exact top-k and "
+        "ranks over all classes); the runs must share their data.",
     )
-    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("run_dir", metavar="RUN_DIR", nargs="+")
+    e.add_argument("--out", help="ensemble: also write the metrics to this JSON file")
     e.add_argument("--split", choices=("test", "validation", "train"), default="test")
     e.add_argument("--which", choices=("best", "last"), default="best")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -136,11 +139,19 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from hsoftmax.training import evaluate_run
+    from hsoftmax.training import evaluate_ensemble, evaluate_run
 
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     try:
-        evaluate_run(args.run_dir, split=args.split, which=args.which, overrides=overrides)
+        if len(args.run_dir) == 1:
+            evaluate_run(args.run_dir[0], split=args.split, which=args.which, overrides=overrides)
+        elif args.overrides:
+            raise ValueError("--set applies to one run; an ensemble uses each run's own config")
+        else:
+            evaluate_ensemble(
+                args.run_dir, split=args.split, which=args.which, out=args.out,
+                progress=not args.no_progress,
+            )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"hsoftmax evaluate: error: {e}", file=sys.stderr)
         return 1

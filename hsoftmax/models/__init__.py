@@ -7,6 +7,7 @@
 * :mod:`~hsoftmax.models.layers`: the encoder layer (packed positions, fast CPU dropout).
 """
 
+from .ensemble import Ensemble
 from .factory import (
     HEADS,
     MODEL_DEFAULTS,
@@ -35,6 +36,7 @@ __all__ = [
     "HEADS",
     "HISTORY_KINDS",
     "EncoderLayer",
+    "Ensemble",
     "MODEL_DEFAULTS",
     "TREES",
     "HeadOnly",

@@ -20,6 +20,7 @@ from .config import (
     packaged_config_path,
 )
 from .data import load_data
+from .ensemble import evaluate_ensemble
 from .evaluate import evaluate_model, evaluate_run
 from .loop import RunResult, epoch_batches, improves, make_optimizer, train, train_step
 from .predict import load_run, predict_run
@@ -32,6 +33,7 @@ __all__ = [
     "apply_overrides",
     "atomic_save",
     "epoch_batches",
+    "evaluate_ensemble",
     "evaluate_model",
     "evaluate_run",
     "get_rng_state",
