@@ -26,6 +26,7 @@ from .history import (
     HistoryMixture,
     HistoryScorer,
     PointerScorer,
+    UserMemory,
     Window,
     masked_logsumexp,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "HistoryScorer",
     "ParameterBudgetError",
     "PointerScorer",
+    "UserMemory",
     "Window",
     "build_head",
     "build_model",

@@ -16,6 +16,7 @@ from hsoftmax import trees
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
 from hsoftmax.tree import Tree
 
+from .history import UserMemory
 from .history_centric import ENCODER_DEFAULTS, HistoryCentricModel, HistoryEncoder
 
 __all__ = [
@@ -48,6 +49,9 @@ MODEL_DEFAULTS: dict = {
     # decision towards uniform over its children ("nodes", O(path); history none or mixture,
     # where only the head's decisions are smoothed)
     "smoothing": "leaves",
+    # a user memory (history mixture only): each user's N most visited training locations join
+    # the pointer (0: none); see hsoftmax.models.history.UserMemory
+    "user_memory": 0,
     # row-sparse gradients for the location embedding and the tree head (V = 100K .. 1M): a
     # step then touches only the batch's rows; train with train.optimizer=sparse_adamw and
     # train.label_smoothing=0 (smoothing scores every row, a dense gradient)
@@ -167,8 +171,20 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
         **{k: cfg[k] for k in (*ENCODER_SIZE_KEYS, "dropout")},
         sparse=bool(cfg["sparse"]),
     )
+    memory = None
+    if cfg["user_memory"]:
+        if cfg["history"] != "mixture":
+            raise ValueError("model.user_memory extends the pointer: it needs history 'mixture'")
+        loc, count = UserMemory.tables(
+            data.train.sample_user, data.train.y, data.n_users, int(cfg["user_memory"])
+        )
+        memory = UserMemory(loc, count, int(cfg["d_model"]), int(cfg["loc_emb_dim"]))
     return HistoryCentricModel(
-        encoder, build_head(cfg, data, tree), history=cfg["history"], smoothing=cfg["smoothing"]
+        encoder,
+        build_head(cfg, data, tree),
+        history=cfg["history"],
+        smoothing=cfg["smoothing"],
+        memory=memory,
     )
 
 

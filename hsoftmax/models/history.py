@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,7 @@ __all__ = [
     "HistoryMixture",
     "HistoryScorer",
     "PointerScorer",
+    "UserMemory",
     "Window",
     "masked_logsumexp",
 ]
@@ -177,8 +179,11 @@ class PointerScorer(nn.Module):
         self.key = nn.Linear(d_model, d_key, bias=False)
         self.decay_raw = nn.Parameter(torch.tensor(math.log(math.expm1(decay))))
 
-    def forward(self, loc, valid, hidden=None, states=None) -> Window:
-        """Window for ``loc``, ``valid`` (B, L), ``hidden`` (B, D) and ``states`` (B, L, D)."""
+    def forward(self, loc, valid, hidden=None, states=None, extra=None) -> Window:
+        """Window for ``loc``, ``valid`` (B, L), ``hidden`` (B, D) and ``states`` (B, L, D).
+
+        ``extra``: more entries ``(loc (B, N), valid (B, N), logits (B, N))`` on the logit scale
+        of the positions' (e.g. :class:`UserMemory`'s), softmaxed together with the window's."""
         if hidden is None or states is None:
             raise ValueError("PointerScorer needs the hidden state and the per-position states")
         length = valid.sum(1, keepdim=True)
@@ -187,8 +192,81 @@ class PointerScorer(nn.Module):
         q = self.query(hidden)[:, :, None]
         logits = (self.key(states) @ q).squeeze(-1) / math.sqrt(self.d_key)
         logits = logits - F.softplus(self.decay_raw) * age
+        if extra is not None:
+            mem_loc, mem_valid, mem_logits = extra
+            loc, valid = torch.cat([loc, mem_loc], 1), torch.cat([valid, mem_valid], 1)
+            logits = torch.cat([logits, mem_logits], 1)
         logits = torch.where(valid, logits, torch.zeros_like(logits))
         return _window_from_position_logits(loc, valid, logits)
+
+
+class UserMemory(nn.Module):
+    """Each user's most visited training locations, as extra pointer entries.
+
+    The window holds only the last ``previous_day`` days; a user also returns to places last
+    seen weeks ago. This memory holds, per user, the ``size`` locations most often visited as
+    training targets and their counts (buffers, computed once from the training split: no
+    validation or test data). Entry ``l`` of user u gets the logit
+
+    ``<W_q h, W_k e(l)> / sqrt(d_key) + w * log(count_u(l)) + b``
+
+    (``e`` the model's location embedding; ``W_q``, ``W_k``, ``w``, ``b`` learned) and joins the
+    pointer's softmax, so ``p_hist`` covers the window and the memory and top-k stays exact.
+    In training (``target`` given) each example's own target visit is left out of the counts
+    (a location visited only then drops out), so the memory never tells a training example its
+    own answer.
+
+    Args:
+        loc: (U, N) int64 location ids per user (0 = empty slot).
+        count: (U, N) visit counts (0 = empty slot).
+        d_model: the hidden size D; ``emb_dim``: the location embedding's width.
+    """
+
+    def __init__(self, loc: torch.Tensor, count: torch.Tensor, d_model: int, emb_dim: int,
+                 d_key: int = 32):  # fmt: skip
+        super().__init__()
+        if loc.shape != count.shape or loc.dim() != 2:
+            raise ValueError(
+                f"loc and count must have one shape (U, N), got {tuple(loc.shape)} and "
+                f"{tuple(count.shape)}"
+            )
+        self.register_buffer("loc", loc.to(torch.int64))
+        self.register_buffer("count", count.to(torch.float32))
+        self.d_key = d_key
+        self.query = nn.Linear(d_model, d_key)
+        self.key = nn.Linear(emb_dim, d_key, bias=False)
+        self.w_count = nn.Parameter(torch.tensor(1.0))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+
+    @staticmethod
+    def tables(user: np.ndarray, y: np.ndarray, n_users: int, size: int):
+        """((U, size) ids, (U, size) counts): each user's ``size`` most frequent targets (ties:
+        lower id first) from training examples' users and targets."""
+        user, y = np.asarray(user, dtype=np.int64), np.asarray(y, dtype=np.int64)
+        loc = np.zeros((n_users, size), dtype=np.int64)
+        count = np.zeros((n_users, size), dtype=np.float32)
+        pairs, n = np.unique(np.stack([user, y], axis=1), axis=0, return_counts=True)
+        # by user, then count descending, then id ascending
+        order = np.lexsort((pairs[:, 1], -n, pairs[:, 0]))
+        pairs, n = pairs[order], n[order]
+        first = np.searchsorted(pairs[:, 0], pairs[:, 0], side="left")
+        slot = np.arange(len(pairs)) - first
+        keep = slot < size
+        loc[pairs[keep, 0], slot[keep]] = pairs[keep, 1]
+        count[pairs[keep, 0], slot[keep]] = n[keep]
+        return torch.from_numpy(loc), torch.from_numpy(count)
+
+    def forward(self, user, hidden, embed, target=None):
+        """``(loc, valid, logits)``, each (B, N), for the users (B,) given the hidden states
+        (B, D), the location embedding ``embed`` and, in training, the targets (B,)."""
+        loc, count = self.loc[user], self.count[user]
+        if target is not None:
+            count = count - (loc == target[:, None]).to(count.dtype)
+        valid = count > 0
+        q = self.query(hidden)[:, :, None]
+        logits = (self.key(embed(loc)) @ q).squeeze(-1) / math.sqrt(self.d_key)
+        logits = logits + self.w_count * torch.log(count.clamp(min=1.0)) + self.bias
+        return loc, valid, logits
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -163,8 +163,11 @@ class HistoryCentricModel(nn.Module):
         head: nn.Module,
         history: str = "mixture",
         smoothing: str = "leaves",
+        memory: hist.UserMemory | None = None,
     ):
         super().__init__()
+        if memory is not None and history != "mixture":
+            raise ValueError("a user memory extends the pointer: it needs history 'mixture'")
         if history not in hist.HISTORY_KINDS:
             raise ValueError(f"history must be one of {hist.HISTORY_KINDS}, got {history!r}")
         check_smoothing_mode(smoothing)
@@ -181,6 +184,7 @@ class HistoryCentricModel(nn.Module):
             )
         self.history_kind = history
         self.encoder = encoder
+        self.memory = memory
         if history == "none":
             self.output = hist.HeadOnly(head, smoothing)
         elif history == "mixture":
@@ -205,8 +209,12 @@ class HistoryCentricModel(nn.Module):
         states = self.encoder(batch, all_positions=True)
         last = (batch["mask"].sum(1) - 1).clamp(min=0)
         hidden = states[torch.arange(states.shape[0], device=states.device), last]
-        window = self.output.scorer(batch["x"], batch["mask"], hidden, states)
-        return hidden, window
+        if self.memory is None:
+            return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states)
+        # in training, each example's own target visit is left out of its user's memory
+        target = batch["y"] if self.training else None
+        extra = self.memory(batch["user"], hidden, self.encoder.loc_emb, target)
+        return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states, extra)
 
     def forward(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0):
         """Scalar mean loss (negative log-likelihood, label-smoothed) of ``batch["y"]``."""

@@ -289,6 +289,7 @@ _RANGES = (
     ("model.tree", lambda x: x in TREES or Path(x).is_file(), f"one of {TREES} or a tree file"),
     ("model.history", lambda x: x in HISTORY_KINDS, f"one of {HISTORY_KINDS}"),
     ("model.smoothing", lambda x: x in SMOOTHING_MODES, "'leaves' or 'nodes'"),
+    ("model.user_memory", lambda x: x >= 0, "an int >= 0 (0: no user memory)"),
     ("data.max_len", _positive, "a positive int or null"),
     ("data.previous_day", _positive, "a positive int or null"),
     ("data.min_history", _positive, "a positive int or null"),
@@ -330,5 +331,7 @@ def _validate(cfg: dict) -> None:
             "model.sparse needs model.head 'hsoftmax' and train.label_smoothing 0 (label "
             "smoothing scores every row of the head, a dense gradient)"
         )
+    if m["user_memory"] and m["history"] != "mixture":
+        raise ConfigError("model.user_memory extends the pointer: it needs model.history 'mixture'")
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")
