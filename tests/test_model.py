@@ -3,12 +3,15 @@ against brute force over all classes, NaN-free gradients, the parameter budget."
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from hsoftmax.models import (
     HistoryEncoder,
@@ -16,6 +19,7 @@ from hsoftmax.models import (
     HistoryScorer,
     ParameterBudgetError,
     PointerScorer,
+    UserMemory,
     build_model,
     check_budget,
     masked_logsumexp,
@@ -61,7 +65,7 @@ def fake_data(v: int = V, users: int = USERS, seed: int = 0):
             "lon": 110.4 + 0.1 * rng.random(v - 2),
         }
     )
-    train = SimpleNamespace(y=rng.integers(1, v, 500))
+    train = SimpleNamespace(y=rng.integers(1, v, 500), sample_user=rng.integers(1, users, 500))
     return SimpleNamespace(n_locations=v, n_users=users, locations=locs, train=train)
 
 
@@ -470,3 +474,62 @@ def test_encoder_sizes_default_and_unknown_ones_are_refused():
     assert enc.input_proj.in_features == widths
     with pytest.raises(TypeError, match=r"unknown sizes \['loc_dim'\]"):
         HistoryEncoder(30, 5, loc_dim=8)
+
+
+def test_user_memory_tables_against_counting():
+    rng = np.random.default_rng(3)
+    user, y = rng.integers(1, 6, 400), rng.integers(2, 30, 400)
+    loc, count = UserMemory.tables(user, y, n_users=7, size=5)
+    for u in range(7):
+        counts = Counter(y[user == u].tolist())
+        expect = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+        expect += [(0, 0)] * (5 - len(expect))  # empty slots: id 0, count 0
+        assert list(zip(loc[u].tolist(), count[u].tolist(), strict=True)) == expect, u
+
+
+@pytest.mark.parametrize("head", ["hsoftmax", "dense"])
+def test_user_memory_keeps_topk_and_rank_exact(head):
+    model = make(head, "kmeans", "mixture", user_memory=6)
+    assert model.memory is not None
+    for seed in range(3):
+        batch = fake_batch(b=16, seed=seed)
+        lp = model.log_prob_all(batch)
+        torch.testing.assert_close(lp.exp().sum(1), torch.ones(16, dtype=lp.dtype))
+        (ref_v, ref_i), ref_rank = _brute(model, batch, 10)
+        values, idx = model.topk(batch, 10)
+        assert torch.equal(idx, ref_i)
+        torch.testing.assert_close(values, ref_v)
+        assert torch.equal(model.rank(batch), ref_rank)
+        torch.testing.assert_close(model.log_prob(batch), lp.gather(1, batch["y"][:, None])[:, 0])
+
+
+def test_user_memory_entries_reach_beyond_the_window():
+    """A memory location outside the window gets history mass; without memory it gets none."""
+    model = make("hsoftmax", "kmeans", "mixture", user_memory=6)
+    batch = fake_batch(b=16, seed=1)
+    hidden, window = model.hidden_and_window(batch)
+    mem = model.memory.loc[batch["user"]]
+    in_x = ((mem[:, :, None] == batch["x"][:, None, :]) & batch["mask"][:, None, :]).any(-1)
+    outside = (mem > 0) & ~in_x
+    assert bool(outside.any())
+    assert bool(torch.isfinite(window.log_p_of(mem))[outside].all())
+
+
+def test_user_memory_leaves_the_training_target_out():
+    loc = torch.tensor([[0, 0], [5, 7]])
+    count = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+    memory = UserMemory(loc, count, d_model=4, emb_dim=3).double()
+    embed = nn.Embedding(10, 3).double()
+    user, hidden = torch.tensor([1, 1, 0]), torch.randn(3, 4, dtype=torch.float64)
+    _, valid, logits = memory(user, hidden, embed)
+    assert valid.tolist() == [[True, True], [True, True], [False, False]]
+    _, valid_t, logits_t = memory(user, hidden, embed, target=torch.tensor([5, 7, 5]))
+    # the target's own visit is not counted: 5 (seen once) drops out, 7 keeps 2 of its 3 visits
+    assert valid_t.tolist() == [[False, True], [True, True], [False, False]]
+    w = memory.w_count.detach()
+    torch.testing.assert_close(logits_t[1, 1] - logits[1, 1], w * (math.log(2) - math.log(3)))
+
+
+def test_user_memory_needs_the_mixture():
+    with pytest.raises(ValueError, match="user_memory extends the pointer: it needs history .mixture."):
+        make("dense", "kmeans", "none", user_memory=4)
