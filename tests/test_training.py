@@ -163,6 +163,8 @@ def test_config_overrides_and_unknown_keys():
         load_config(None, ["train.lr"])
     with pytest.raises(ConfigError, match="logit_add"):
         load_config(None, ["model.history=logit_add"])
+    with pytest.raises(ConfigError, match="user_memory extends the pointer"):
+        load_config(None, ["model.user_memory=8", "model.history=none"])
 
 
 @pytest.mark.parametrize("name", PACKAGED_CONFIGS)
@@ -208,6 +210,7 @@ def test_train_from_a_data_directory(cache_dir, tmp_path, kind):
         ("train.lr_factor=2", r"train.lr_factor must be in \(0, 1\)"),
         ("train.progress=maybe", r"'maybe' is not a valid bool .*\(key 'train.progress'\)"),
         ("train.num_threads=-1", "train.num_threads must be a positive int or null"),
+        ("model.user_memory=-1", r"model.user_memory must be an int >= 0"),
     ],
 )
 def test_config_values_are_type_and_range_checked(override, message):
