@@ -81,6 +81,15 @@ CONFIGS: dict[str, list[str]] = {
         "model.history=mixture",
         "model.smoothing=nodes",
     ],
+    # the pointer also over each user's 64 most visited training locations (UserMemory)
+    "dense+mixture+memory": ["model.head=dense", "model.history=mixture", "model.user_memory=64"],
+    "hs-kmeans128+mixture+nodes+memory": [
+        "model.head=hsoftmax",
+        "model.tree=kmeans",
+        "model.history=mixture",
+        "model.smoothing=nodes",
+        "model.user_memory=64",
+    ],
 }
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 
