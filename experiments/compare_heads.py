@@ -159,9 +159,9 @@ def run_one(name: str, seed: int, args, out: Path) -> dict:
         return _result(name, seed, run_dir, wall_seconds=None)
     if args.reuse and (run_dir / "ckpt.pt").exists():  # interrupted: continue it exactly
         _check_reused(run_dir, load_config(args.preset, sets))
-        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--resume", str(run_dir)]
+        cmd = [sys.executable, "-m", "hsoftmax", "train", "--resume", str(run_dir)]
     else:
-        cmd = [sys.executable, "-m", "hsoftmax.cli", "train", "--config", args.preset]
+        cmd = [sys.executable, "-m", "hsoftmax", "train", "--config", args.preset]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()

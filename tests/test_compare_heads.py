@@ -120,3 +120,20 @@ def test_table_only_tabulates_every_recorded_run_with_its_best_epoch(tmp_path, c
     (tmp_path / "results.json").write_text("[]")
     with pytest.raises(SystemExit, match="holds no runs"):
         compare_heads.main(argv)
+
+
+def test_a_real_tiny_comparison_trains_through_the_cli(tmp_path, capsys):
+    """The script starts each training as a ``python -m hsoftmax train`` process: one tiny run
+    on the ``small`` preset goes all the way to a results row."""
+    tiny = [
+        "data.preset=small", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps_per_epoch=2",
+        "train.num_threads=1", "model.d_model=16", "model.nhead=2", "model.num_layers=1",
+        "model.dim_feedforward=16", "model.tree=balanced",
+    ]  # fmt: skip
+    argv = ["--preset", "diy", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path)]
+    argv += [x for s in tiny for x in ("--set", s)]
+    assert compare_heads.main([*argv, "--configs", "hs-binary+mixture"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["config"], r["seed"], r["epochs"]) for r in rows] == [("hs-binary+mixture", 0, 1)]
+    assert 0.0 <= rows[0]["test"]["acc@1"] <= 100.0
+    assert "hs-binary+mixture seed 0: acc@1" in capsys.readouterr().out
