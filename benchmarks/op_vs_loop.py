@@ -157,9 +157,10 @@ def time_interleaved(steps, rounds: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path, help="also write the timings here")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     loop = load_plain_loop()
     g = torch.Generator().manual_seed(0)
     tree = Tree.balanced(V, 2)
@@ -174,7 +175,7 @@ def main() -> None:
     times = time_interleaved(steps, args.rounds)
     stats = {n: (min(t), statistics.median(t), len(t)) for n, t in times.items()}
     cpu = cpu_model()
-    print(f"V={V:,} D={D} B={B}, {THREADS} threads, float32, {cpu}, torch {torch.__version__}")
+    print(f"V={V:,} D={D} B={B}, {args.threads} threads, float32, {cpu}, torch {torch.__version__}")
     print()
     print("| fwd+bwd | min ms | median ms | calls |")
     print("|---|---:|---:|---:|")
@@ -187,7 +188,7 @@ def main() -> None:
     lo, med = stats["dense"][0] / stats["hsoftmax"][0], stats["dense"][1] / stats["hsoftmax"][1]
     print(f"dense / hsoftmax: {med:.0f}x (medians), {lo:.0f}x (mins)")
     if args.json:
-        setting = {"V": V, "D": D, "B": B, "threads": THREADS, "tree": "balanced binary"}
+        setting = {"V": V, "D": D, "B": B, "threads": args.threads, "tree": "balanced binary"}
         record = {"setting": setting, "cpu": cpu, "torch": torch.__version__, "seconds": times}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 

@@ -8,8 +8,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +36,8 @@ using vec::Vec8f;
 // Examples per parallel task: a path costs ~depth * D multiply-adds, so small chunks already
 // amortise the scheduling cost.
 constexpr int64_t kBatchGrain = 16;
+// Examples per parallel task of the argument check (a few nanoseconds per path entry).
+constexpr int64_t kCheckGrain = 256;
 
 // HSM_CPU_CLONES: see cpu_clones.h.
 
@@ -135,12 +139,27 @@ class ScaledRowSum {
   }
 };
 
-// Every target and its path checked against the tree arrays (see hsoftmax.h).
+// Every target and its path checked against the tree arrays (see hsoftmax.h), in parallel over
+// the batch: the walk costs about a tenth of the kernel it guards. A failing chunk only flags
+// itself; the serial check then raises the first error in example order, so the message does not
+// depend on the thread count.
 void check_paths(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
                  const at::Tensor& path_node, int64_t max_path_rows) {
-  check_target_paths(target.data_ptr<int64_t>(), target.size(0), tree.node_row_ptr,
-                     node_row_ptr.size(0) - 1, tree.leaf_path_ptr, tree.num_leaves, tree.path_node,
-                     tree.path_choice, path_node.size(0), max_path_rows);
+  const int64_t* y = target.data_ptr<int64_t>();
+  auto check = [&](int64_t begin, int64_t end) {
+    check_target_paths(y + begin, end - begin, tree.node_row_ptr, node_row_ptr.size(0) - 1,
+                       tree.leaf_path_ptr, tree.num_leaves, tree.path_node, tree.path_choice,
+                       path_node.size(0), max_path_rows);
+  };
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, target.size(0), kCheckGrain, [&](int64_t begin, int64_t end) {
+    try {
+      check(begin, end);
+    } catch (const c10::Error&) {
+      bad = true;
+    }
+  });
+  if (bad) check(0, target.size(0));
 }
 
 // Raw views of one call's tensors, so the hot loops below are plain functions that can be cloned
@@ -223,10 +242,22 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
 // flat_row[b * R + e], with scale flat_scale[b * R + e] = grad_log_prob[b] * coef[b, e];
 // path_len[b] entries per example. Written once by the (parallel) first pass and read by the
 // grouping, so the tree is walked once.
+template <typename T>
+class Buffer {  // n uninitialised elements: a std::vector would first zero what pass 1 overwrites
+  std::unique_ptr<T[]> data_;
+
+ public:
+  explicit Buffer(int64_t n) : data_(new T[n]) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+};
+
 template <typename acc_t>
 struct Entries {
-  std::vector<int32_t> flat_row;
-  std::vector<acc_t> flat_scale;
+  Buffer<int32_t> flat_row;
+  Buffer<acc_t> flat_scale;
   std::vector<int32_t> path_len;
 };
 
@@ -275,34 +306,43 @@ struct RowGroups {
 };
 
 // Dense grouping: a counting sort on the row id, O(entries + V * blocks) (the dense gradient is
-// O(V * D) anyway), from the per-block histograms of the first pass (count[t * V + r]). Entries
-// are placed in (example, slot) order, so each row's sum runs in example order: bit-identical
-// results for any thread count, no atomics.
+// O(V * D) anyway), from the per-block histograms of the first pass (count[t * V + r]), which
+// become each block's next slot in each row. The blocks hold consecutive examples and scatter
+// their own entries in parallel, so each row's entries stay in (example, slot) order and each
+// row's sum runs in example order: bit-identical results for any thread count, no atomics.
 template <typename acc_t>
 RowGroups<acc_t> group_by_row_dense(const Entries<acc_t>& entries, std::vector<int64_t>& count,
-                                    int64_t num_blocks, int64_t rows_per_example,
+                                    int64_t num_blocks, int64_t block, int64_t rows_per_example,
                                     int64_t num_rows) {
   RowGroups<acc_t> g;
   g.seg.resize(num_rows + 1);
   int64_t running = 0;
   for (int64_t r = 0; r < num_rows; ++r) {
     g.seg[r] = running;
-    for (int64_t t = 0; t < num_blocks; ++t) running += count[t * num_rows + r];
+    for (int64_t t = 0; t < num_blocks; ++t) {
+      const int64_t c = count[t * num_rows + r];
+      count[t * num_rows + r] = running;
+      running += c;
+    }
   }
   g.seg[num_rows] = running;
   g.example.resize(running);
   g.scale.resize(running);
-  std::vector<int64_t> next(g.seg.begin(), g.seg.end() - 1);
   const int64_t batch = static_cast<int64_t>(entries.path_len.size());
-  for (int64_t b = 0; b < batch; ++b) {
-    const int32_t* row = entries.flat_row.data() + b * rows_per_example;
-    const acc_t* scale = entries.flat_scale.data() + b * rows_per_example;
-    for (int32_t j = 0; j < entries.path_len[b]; ++j) {
-      const int64_t slot = next[row[j]]++;
-      g.example[slot] = static_cast<int32_t>(b);
-      g.scale[slot] = scale[j];
+  at::parallel_for(0, num_blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* next = count.data() + t * num_rows;
+      for (int64_t b = t * block; b < std::min(batch, (t + 1) * block); ++b) {
+        const int32_t* row = entries.flat_row.data() + b * rows_per_example;
+        const acc_t* scale = entries.flat_scale.data() + b * rows_per_example;
+        for (int32_t j = 0; j < entries.path_len[b]; ++j) {
+          const int64_t slot = next[row[j]]++;
+          g.example[slot] = static_cast<int32_t>(b);
+          g.scale[slot] = scale[j];
+        }
+      }
     }
-  }
+  });
   return g;
 }
 
@@ -447,10 +487,8 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
 
   // Pass 1, parallel over fixed blocks of examples (fixed, so the histograms and hence the
   // result do not depend on the thread count): entries, row histograms, grad_hidden.
-  Entries<acc_t> entries;
-  entries.flat_row.resize(batch * a.rows);
-  entries.flat_scale.resize(batch * a.rows);
-  entries.path_len.resize(batch);
+  Entries<acc_t> entries{Buffer<int32_t>(batch * a.rows), Buffer<acc_t>(batch * a.rows),
+                         std::vector<int32_t>(batch)};
   const bool dense_groups = want_groups && !sparse;
   const int64_t num_blocks =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / kBatchGrain));
@@ -465,8 +503,9 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
   });
   if (!want_groups) return;
 
-  const auto groups = sparse ? group_by_row_sparse(entries, a.rows, num_rows)
-                             : group_by_row_dense(entries, count, num_blocks, a.rows, num_rows);
+  const auto groups = sparse
+                          ? group_by_row_sparse(entries, a.rows, num_rows)
+                          : group_by_row_dense(entries, count, num_blocks, block, a.rows, num_rows);
   const int64_t num_groups = groups.num_groups();
   if (want_weight) grad_weight = at::empty({num_groups, dim}, weight.options());
   if (want_bias) grad_bias = at::empty({num_groups}, weight.options());
