@@ -36,8 +36,6 @@ using vec::Vec8f;
 // Examples per parallel task: a path costs ~depth * D multiply-adds, so small chunks already
 // amortise the scheduling cost.
 constexpr int64_t kBatchGrain = 16;
-// Examples per parallel task of the argument check (a few nanoseconds per path entry).
-constexpr int64_t kCheckGrain = 256;
 
 // HSM_CPU_CLONES: see cpu_clones.h.
 
@@ -139,28 +137,51 @@ class ScaledRowSum {
   }
 };
 
-// Every target and its path checked against the tree arrays (see hsoftmax.h), in parallel over
-// the batch: the walk costs about a tenth of the kernel it guards. A failing chunk only flags
-// itself; the serial check then raises the first error in example order, so the message does not
-// depend on the thread count.
-void check_paths(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
-                 const at::Tensor& path_node, int64_t max_path_rows) {
-  const int64_t* y = target.data_ptr<int64_t>();
-  auto check = [&](int64_t begin, int64_t end) {
-    check_target_paths(y + begin, end - begin, tree.node_row_ptr, node_row_ptr.size(0) - 1,
-                       tree.leaf_path_ptr, tree.num_leaves, tree.path_node, tree.path_choice,
-                       path_node.size(0), max_path_rows);
-  };
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, target.size(0), kCheckGrain, [&](int64_t begin, int64_t end) {
+// Every target and its path checked against the tree arrays (see hsoftmax.h), chunk by chunk
+// inside the kernels' own parallel loops, just before a chunk is computed: a separate pass would
+// walk every path twice (about a tenth of the kernel's time) and add a fork/join. No kernel reads
+// through an unchecked path: a failing chunk is skipped and flagged, and raise_if_bad(), after
+// the loop, runs the serial check, which raises the first error in example order (so the message
+// does not depend on the thread count); the half-written outputs are discarded.
+class PathCheck {
+  const PathTree& tree_;
+  const int64_t* target_;
+  int64_t batch_, num_internal_, num_entries_, max_path_rows_;
+  std::atomic<bool> bad_{false};
+
+  void check(int64_t begin, int64_t end) const {
+    check_target_paths(target_ + begin, end - begin, tree_.node_row_ptr, num_internal_,
+                       tree_.leaf_path_ptr, tree_.num_leaves, tree_.path_node, tree_.path_choice,
+                       num_entries_, max_path_rows_);
+  }
+
+ public:
+  PathCheck(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
+            const at::Tensor& path_node, int64_t max_path_rows)
+      : tree_(tree),
+        target_(target.data_ptr<int64_t>()),
+        batch_(target.size(0)),
+        num_internal_(node_row_ptr.size(0) - 1),
+        num_entries_(path_node.size(0)),
+        max_path_rows_(max_path_rows) {}
+
+  // whether examples [begin, end) may be computed
+  bool ok(int64_t begin, int64_t end) {
     try {
       check(begin, end);
+      return true;
     } catch (const c10::Error&) {
-      bad = true;
+      bad_ = true;
+      return false;
     }
-  });
-  if (bad) check(0, target.size(0));
-}
+  }
+
+  void raise_if_bad() const {
+    if (bad_) check(0, batch_);
+  }
+
+  void all() const { check(0, batch_); }
+};
 
 // Raw views of one call's tensors, so the hot loops below are plain functions that can be cloned
 // per instruction set (lambdas handed to at::parallel_for cannot carry a target attribute).
@@ -426,7 +447,8 @@ HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a,
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const PathTree& tree,
-                    const at::Tensor& target, at::Tensor& log_prob, at::Tensor& coef) {
+                    const at::Tensor& target, PathCheck& check, at::Tensor& log_prob,
+                    at::Tensor& coef) {
   using acc_t = at::opmath_type<scalar_t>;
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
                          weight.data_ptr<scalar_t>(),
@@ -438,8 +460,10 @@ void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                          coef.size(1),
                          tree};
   scalar_t* out = log_prob.data_ptr<scalar_t>();
-  at::parallel_for(0, hidden.size(0), kBatchGrain,
-                   [&](int64_t begin, int64_t end) { forward_range(a, out, begin, end); });
+  at::parallel_for(0, hidden.size(0), kBatchGrain, [&](int64_t begin, int64_t end) {
+    if (check.ok(begin, end)) forward_range(a, out, begin, end);
+  });
+  check.raise_if_bad();
 }
 
 std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
@@ -450,13 +474,13 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  check_paths(tree, target, node_row_ptr, path_node, max_path_rows);
+  PathCheck check(tree, target, node_row_ptr, path_node, max_path_rows);
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
                         hidden.options().dtype(coef_dtype(hidden.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_forward_cpu",
-      [&] { forward_kernel<scalar_t>(hidden, weight, bias, tree, target, log_prob, coef); });
+      [&] { forward_kernel<scalar_t>(hidden, weight, bias, tree, target, check, log_prob, coef); });
   return {log_prob, coef};
 }
 
@@ -465,9 +489,9 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                      const at::Tensor& hidden, const at::Tensor& weight, const PathTree& tree,
-                     const at::Tensor& target, bool want_weight, bool want_bias, bool sparse,
-                     at::Tensor& grad_hidden, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                     at::Tensor& grad_rows) {
+                     const at::Tensor& target, PathCheck& check, bool want_weight, bool want_bias,
+                     bool sparse, at::Tensor& grad_hidden, at::Tensor& grad_weight,
+                     at::Tensor& grad_bias, at::Tensor& grad_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = hidden.size(0), num_rows = weight.size(0), dim = hidden.size(1);
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
@@ -481,7 +505,7 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                          tree};
   const bool want_hidden = grad_hidden.numel() > 0;
   const bool want_groups = want_weight || want_bias;
-  if (!want_hidden && !want_groups) return;
+  if (!want_hidden && !want_groups) return check.all();
   TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "batch of ", batch,
               " examples is too large (at most 2^31 - 1)");
 
@@ -497,10 +521,13 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
   scalar_t* gh = want_hidden ? grad_hidden.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, num_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
+      const int64_t begin = t * block, end = std::min(batch, (t + 1) * block);
+      if (!check.ok(begin, end)) continue;
       int64_t* block_count = dense_groups ? count.data() + t * num_rows : nullptr;
-      path_entries_range(a, entries, block_count, gh, t * block, std::min(batch, (t + 1) * block));
+      path_entries_range(a, entries, block_count, gh, begin, end);
     }
   });
+  check.raise_if_bad();
   if (!want_groups) return;
 
   const auto groups = sparse
@@ -551,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
                       path_choice, target);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  check_paths(tree, target, node_row_ptr, path_node, coef.size(1));
+  PathCheck check(tree, target, node_row_ptr, path_node, coef.size(1));
   const auto g = grad_log_prob.contiguous();
   const auto c = coef.contiguous();
   at::Tensor gh = output_mask[0] ? at::empty_like(hidden) : at::empty({0}, hidden.options());
@@ -560,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   at::Tensor rows = at::empty({0}, weight.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_backward_cpu", [&] {
-        backward_kernel<scalar_t>(g, c, hidden, weight, tree, target, output_mask[1],
+        backward_kernel<scalar_t>(g, c, hidden, weight, tree, target, check, output_mask[1],
                                   output_mask[2] && has_bias, sparse_weight, gh, gw, gb, rows);
       });
   return {gh, gw, gb, rows};
