@@ -1,6 +1,7 @@
 """The op's forward + backward against a hand-written C++ loop and against dense, in one run.
 
-    PYTHONPATH=. python benchmarks/op_vs_loop.py [--rounds 400] [--json docs/op-vs-loop.json]
+    PYTHONPATH=. python benchmarks/op_vs_loop.py [--rounds 30] [--threads 2]
+                                                 [--json docs/op-vs-loop.json] [--system-malloc]
 
 Setting (the README's headline figure): V = 15,584, D = 112, B = 1,024, float32, 2 threads, the
 balanced binary tree, mean NLL loss, gradients for hidden, weight and bias (dense), uniform
@@ -8,26 +9,30 @@ targets. Contenders, each a full training step of the output layer (forward, bac
 gradient tensors):
 
 * ``hsoftmax``: ``-path_log_prob(h, W, b, tree, y).mean()`` then ``.backward()`` (autograd).
-* ``hsoftmax kernels``: the op's forward and backward kernels called directly, no autograd: the
-  part of the step the C++ controls.
-* ``plain loop``: benchmarks/plain_loop.cpp (per-row path dots and ``log1p(exp)``, the weight
-  gradient accumulated by threads that each own a range of rows; ``at::parallel_for``),
-  compiled ``-O3 -march=native`` into build/plain_loop on first use.
+* ``plain loop, autograd``: benchmarks/plain_loop.cpp (per-row path dots and ``log1p(exp)``,
+  the weight gradient accumulated by threads that each own a range of rows; ``at::parallel_for``),
+  compiled ``-O3 -march=native`` into build/plain_loop on first use, behind a
+  ``torch.autograd.Function``: the like-for-like baseline of ``hsoftmax``.
+* ``hsoftmax kernels``: the op's forward and backward kernels called directly, no autograd.
+* ``plain loop``: the loop's two functions called directly: the baseline of the kernels.
 * ``dense``: ``F.cross_entropy(F.linear(h, W, b), y)`` then ``.backward()``.
 
 Before timing, the loop's loss and gradients are checked against the op's. The contenders are
-timed interleaved (op, loop, op, loop, ...; dense once every ``DENSE_EVERY`` pairs), so load from
-other processes on a shared machine falls on all of them alike; min and median per contender and
-the ratios are printed as a Markdown table.
+timed interleaved, in blocks of ``BLOCK`` calls (dense: one call every ``DENSE_EVERY`` rounds), so
+load from other processes on a shared machine falls on all of them alike; min and median per
+contender and the ratios are printed as a Markdown table. The script re-runs itself with steady
+glibc malloc settings (see ``STEADY_MALLOC``) unless ``--system-malloc`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,8 +45,15 @@ from hsoftmax.ops import path_log_prob
 
 V, D, B = 15_584, 112, 1_024
 THREADS = 2
-DENSE_EVERY = 20  # dense is ~100x slower: one dense step per this many op/loop pairs
+BLOCK = 20  # timed calls of a contender in a row
+DENSE_EVERY = 2  # dense is ~500x slower: one timed dense step every this many rounds
 ROOT = Path(__file__).resolve().parents[1]
+# glibc malloc settings for the run: keep freed blocks up to 32 MB on the heap (no mmap) and never
+# trim the heap. By default, whether a step's fresh 7 MB gradient reuses a freed block or
+# page-faults on new pages depends on each contender's other allocations (0 to ~500 faults a
+# step measured, up to ~0.3 ms): allocator noise, not the kernels. The dense baseline's 64 MB
+# logits are still mmapped and faulted, as in training.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def load_plain_loop():
@@ -79,6 +91,8 @@ def make_steps(loop, tree, hidden, weight, bias, target):
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     b = bias.clone().requires_grad_()
+    # every contender reads the same memory, so none finds the others' copy evicted from cache
+    hidden, weight, bias = h.detach(), w.detach(), b.detach()
     c = tree.compiled("cpu")
     tables = (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
     rows, sign, length = padded_binary_paths(tree)
@@ -102,14 +116,17 @@ def make_steps(loop, tree, hidden, weight, bias, target):
 
     def kernels():
         held.pop("kernels", None)
-        lp, coef = torch.ops.hsoftmax.path_log_prob_forward(
-            hidden, weight, bias, *tables, target, tree.max_path_rows, False
-        )
-        gh, gw, gb, _ = torch.ops.hsoftmax.path_log_prob_backward(
-            grad_lp, coef, hidden, weight, *tables, target, True, [True, True, True], False
-        )
-        held["kernels"] = (gh, gw, gb)
-        return -lp.mean(), gh, gw, gb
+        # inference mode skips the ops' autograd kernels (the backward op's, registered from
+        # Python, would add ~0.1 ms of interpreter time to every direct call)
+        with torch.inference_mode():
+            lp, coef = torch.ops.hsoftmax.path_log_prob_forward(
+                hidden, weight, bias, *tables, target, tree.max_path_rows, False
+            )
+            gh, gw, gb, _ = torch.ops.hsoftmax.path_log_prob_backward(
+                grad_lp, coef, hidden, weight, *tables, target, True, [True, True, True], False
+            )
+            held["kernels"] = (gh, gw, gb)
+            return -lp.mean(), gh, gw, gb
 
     def plain_loop():
         held.pop("loop", None)
@@ -166,6 +183,9 @@ def cpu_model() -> str:
 
 
 def time_interleaved(steps, rounds: int) -> dict[str, list[float]]:
+    """Each round runs every contender for a block of calls (the first untimed), in alternating
+    order: blocks spread load drift over all contenders, and within a block each contender finds
+    its own data in cache rather than the previous contender's (dense's 64 MB logits flush it)."""
     fast = [n for n in steps if n != "dense"]
     times: dict[str, list[float]] = {n: [] for n in steps}
     for i in range(rounds):
@@ -173,18 +193,26 @@ def time_interleaved(steps, rounds: int) -> dict[str, list[float]]:
         if i % DENSE_EVERY == 0:
             order = [*order, "dense"]
         for name in order:
-            start = time.perf_counter()
             steps[name]()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(1 if name == "dense" else BLOCK):
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path, help="also write the timings here")
+    parser.add_argument(
+        "--system-malloc", action="store_true", help="keep glibc's default (dynamic) thresholds"
+    )
     args = parser.parse_args()
+    if not args.system_malloc and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items()):
+        # glibc reads these once, at start-up: run this script again with them set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STEADY_MALLOC})
     torch.set_num_threads(args.threads)
     loop = load_plain_loop()
     g = torch.Generator().manual_seed(0)
@@ -200,7 +228,9 @@ def main() -> None:
     times = time_interleaved(steps, args.rounds)
     stats = {n: (min(t), statistics.median(t), len(t)) for n, t in times.items()}
     cpu = cpu_model()
-    print(f"V={V:,} D={D} B={B}, {args.threads} threads, float32, {cpu}, torch {torch.__version__}")
+    malloc = "glibc defaults" if args.system_malloc else "steady malloc"
+    print(f"V={V:,} D={D} B={B}, {args.threads} threads, float32, {malloc}, {cpu}")
+    print(f"torch {torch.__version__}")
     print()
     print("| fwd+bwd | min ms | median ms | calls |")
     print("|---|---:|---:|---:|")
@@ -215,6 +245,7 @@ def main() -> None:
     print(f"dense / hsoftmax: {med:.0f}x (medians), {lo:.0f}x (mins)")
     if args.json:
         setting = {"V": V, "D": D, "B": B, "threads": args.threads, "tree": "balanced binary"}
+        setting["malloc"] = malloc
         record = {"setting": setting, "cpu": cpu, "torch": torch.__version__, "seconds": times}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
