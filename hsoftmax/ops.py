@@ -7,9 +7,11 @@
 
 Dimension letters: B batch, D hidden size, V leaves (classes), R ``tree.max_path_rows``.
 
-The C++ library defines the schemas and the kernels; this file registers the autograd formula and
-the fake (meta) kernels, so the ops work under ``torch.compile`` and pass
-``torch.library.opcheck``. Models and heads call these functions, never ``torch.ops`` directly.
+The C++ library defines the schemas, the kernels and the autograd formula of
+``path_log_prob_forward`` (csrc/path_log_prob_autograd.cpp: in C++ because a Python formula cost a
+quarter of a training step's time in interpreter overhead); this file registers the fake (meta)
+kernels, so the ops work under ``torch.compile`` and pass ``torch.library.opcheck``. Models and
+heads call these functions, never ``torch.ops`` directly.
 """
 
 from __future__ import annotations
@@ -187,53 +189,6 @@ def _backward_fake(
     grad_bias = weight.new_empty((rows,) if output_mask[2] and has_bias else (0,))
     grad_rows = weight.new_empty((rows if sparse_weight else 0,), dtype=torch.int64)
     return grad_hidden, grad_weight, grad_bias, grad_rows
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice, target = inputs[:8]
-    _, coef = output
-    ctx.mark_non_differentiable(coef)
-    ctx.has_bias = bias is not None
-    ctx.sparse_grad = bool(inputs[9]) if len(inputs) > 9 else False
-    ctx.save_for_backward(
-        hidden, weight, coef, node_row_ptr, leaf_path_ptr, path_node, path_choice, target
-    )
-
-
-def _backward(ctx, grad_log_prob, _grad_coef):
-    hidden, weight, coef, *tables = ctx.saved_tensors  # tables: the tree's tensors, target
-    mask = [
-        ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
-        ctx.has_bias and ctx.needs_input_grad[2],
-    ]
-    grad_hidden, grad_weight, grad_bias, rows = torch.ops.hsoftmax.path_log_prob_backward(
-        grad_log_prob.contiguous(), coef, hidden, weight, *tables, ctx.has_bias, mask,
-        ctx.sparse_grad,
-    )  # fmt: skip
-    if ctx.sparse_grad:
-        index = rows.unsqueeze(0)
-        if mask[1]:
-            # the kernel emits sorted unique rows: coalesced by construction, so the invariant
-            # check (a pass over the indices) is skipped explicitly
-            grad_weight = torch.sparse_coo_tensor(
-                index, grad_weight, weight.shape, is_coalesced=True, check_invariants=False
-            )
-        if mask[2]:
-            grad_bias = torch.sparse_coo_tensor(
-                index, grad_bias, weight.shape[:1], is_coalesced=True, check_invariants=False
-            )
-    return (
-        grad_hidden if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        *([None] * 7),
-    )
-
-
-torch.library.register_autograd(
-    "hsoftmax::path_log_prob_forward", _backward, setup_context=_setup_context
-)
 
 
 def _double_backward(ctx, *grads):

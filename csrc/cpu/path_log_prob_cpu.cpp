@@ -8,8 +8,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -34,6 +36,9 @@ using vec::Vec8f;
 // Examples per parallel task: a path costs ~depth * D multiply-adds, so small chunks already
 // amortise the scheduling cost.
 constexpr int64_t kBatchGrain = 16;
+// The dense weight gradient's row chunks are balanced on a histogram of the entries per bucket of
+// 2^kBucketShift consecutive rows.
+constexpr int kBucketShift = 6;
 
 // HSM_CPU_CLONES: see cpu_clones.h.
 
@@ -135,13 +140,51 @@ class ScaledRowSum {
   }
 };
 
-// Every target and its path checked against the tree arrays (see hsoftmax.h).
-void check_paths(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
-                 const at::Tensor& path_node, int64_t max_path_rows) {
-  check_target_paths(target.data_ptr<int64_t>(), target.size(0), tree.node_row_ptr,
-                     node_row_ptr.size(0) - 1, tree.leaf_path_ptr, tree.num_leaves, tree.path_node,
-                     tree.path_choice, path_node.size(0), max_path_rows);
-}
+// Every target and its path checked against the tree arrays (see hsoftmax.h), chunk by chunk
+// inside the kernels' own parallel loops, just before a chunk is computed: a separate pass would
+// walk every path twice (about a tenth of the kernel's time) and add a fork/join. No kernel reads
+// through an unchecked path: a failing chunk is skipped and flagged, and raise_if_bad(), after
+// the loop, runs the serial check, which raises the first error in example order (so the message
+// does not depend on the thread count); the half-written outputs are discarded.
+class PathCheck {
+  const PathTree& tree_;
+  const int64_t* target_;
+  int64_t batch_, num_internal_, num_entries_, max_path_rows_;
+  std::atomic<bool> bad_{false};
+
+  void check(int64_t begin, int64_t end) const {
+    check_target_paths(target_ + begin, end - begin, tree_.node_row_ptr, num_internal_,
+                       tree_.leaf_path_ptr, tree_.num_leaves, tree_.path_node, tree_.path_choice,
+                       num_entries_, max_path_rows_);
+  }
+
+ public:
+  PathCheck(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
+            const at::Tensor& path_node, int64_t max_path_rows)
+      : tree_(tree),
+        target_(target.data_ptr<int64_t>()),
+        batch_(target.size(0)),
+        num_internal_(node_row_ptr.size(0) - 1),
+        num_entries_(path_node.size(0)),
+        max_path_rows_(max_path_rows) {}
+
+  // whether examples [begin, end) may be computed
+  bool ok(int64_t begin, int64_t end) {
+    try {
+      check(begin, end);
+      return true;
+    } catch (const c10::Error&) {
+      bad_ = true;
+      return false;
+    }
+  }
+
+  void raise_if_bad() const {
+    if (bad_) check(0, batch_);
+  }
+
+  void all() const { check(0, batch_); }
+};
 
 // Raw views of one call's tensors, so the hot loops below are plain functions that can be cloned
 // per instruction set (lambdas handed to at::parallel_for cannot carry a target attribute).
@@ -223,16 +266,28 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
 // flat_row[b * R + e], with scale flat_scale[b * R + e] = grad_log_prob[b] * coef[b, e];
 // path_len[b] entries per example. Written once by the (parallel) first pass and read by the
 // grouping, so the tree is walked once.
+template <typename T>
+class Buffer {  // n uninitialised elements: a std::vector would first zero what pass 1 overwrites
+  std::unique_ptr<T[]> data_;
+
+ public:
+  explicit Buffer(int64_t n) : data_(new T[n]) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+};
+
 template <typename acc_t>
 struct Entries {
-  std::vector<int32_t> flat_row;
-  std::vector<acc_t> flat_scale;
+  Buffer<int32_t> flat_row;
+  Buffer<acc_t> flat_scale;
   std::vector<int32_t> path_len;
 };
 
 // First backward pass over examples [begin, end): records their entries, adds them to the row
-// histogram `count` (when not null), and computes grad_hidden[b] = sum of the path's weight
-// rows scaled by their entries (when not null).
+// histogram `count` of buckets of 2^kBucketShift rows (when not null), and computes grad_hidden[b]
+// = sum of the path's weight rows scaled by their entries (when not null).
 template <typename scalar_t>
 HSM_CPU_CLONES void path_entries_range(const Args<scalar_t>& a,
                                        Entries<at::opmath_type<scalar_t>>& entries, int64_t* count,
@@ -253,7 +308,7 @@ HSM_CPU_CLONES void path_entries_range(const Args<scalar_t>& a,
     });
     entries.path_len[b] = static_cast<int32_t>(m);
     if (count) {
-      for (int64_t j = 0; j < m; ++j) ++count[row[j]];
+      for (int64_t j = 0; j < m; ++j) ++count[row[j] >> kBucketShift];
     }
     if (grad_hidden) {
       for (int64_t j = 0; j < m; ++j) rows[j] = a.weight + int64_t{row[j]} * a.dim;
@@ -274,31 +329,31 @@ struct RowGroups {
   int64_t num_groups() const { return static_cast<int64_t>(seg.size()) - 1; }
 };
 
-// Dense grouping: a counting sort on the row id, O(entries + V * blocks) (the dense gradient is
-// O(V * D) anyway), from the per-block histograms of the first pass (count[t * V + r]). Entries
-// are placed in (example, slot) order, so each row's sum runs in example order: bit-identical
-// results for any thread count, no atomics.
+// Dense grouping of the rows [r0, r1): a counting sort of the entries whose row is in range, read
+// in (example, slot) order, so each row's entries, and hence its sum, run in example order:
+// bit-identical results for any thread count and any chunking, no atomics. Group k is row r0 + k.
 template <typename acc_t>
-RowGroups<acc_t> group_by_row_dense(const Entries<acc_t>& entries, std::vector<int64_t>& count,
-                                    int64_t num_blocks, int64_t rows_per_example,
-                                    int64_t num_rows) {
+RowGroups<acc_t> group_rows_in_range(const Entries<acc_t>& entries, int64_t rows_per_example,
+                                     int64_t r0, int64_t r1) {
   RowGroups<acc_t> g;
-  g.seg.resize(num_rows + 1);
-  int64_t running = 0;
-  for (int64_t r = 0; r < num_rows; ++r) {
-    g.seg[r] = running;
-    for (int64_t t = 0; t < num_blocks; ++t) running += count[t * num_rows + r];
-  }
-  g.seg[num_rows] = running;
-  g.example.resize(running);
-  g.scale.resize(running);
-  std::vector<int64_t> next(g.seg.begin(), g.seg.end() - 1);
+  g.seg.assign(r1 - r0 + 1, 0);
   const int64_t batch = static_cast<int64_t>(entries.path_len.size());
+  for (int64_t b = 0; b < batch; ++b) {
+    const int32_t* row = entries.flat_row.data() + b * rows_per_example;
+    for (int32_t j = 0; j < entries.path_len[b]; ++j) {
+      if (r0 <= row[j] && row[j] < r1) ++g.seg[row[j] - r0 + 1];
+    }
+  }
+  for (int64_t k = 0; k < r1 - r0; ++k) g.seg[k + 1] += g.seg[k];
+  g.example.resize(g.seg[r1 - r0]);
+  g.scale.resize(g.seg[r1 - r0]);
+  std::vector<int64_t> next(g.seg.begin(), g.seg.end() - 1);
   for (int64_t b = 0; b < batch; ++b) {
     const int32_t* row = entries.flat_row.data() + b * rows_per_example;
     const acc_t* scale = entries.flat_scale.data() + b * rows_per_example;
     for (int32_t j = 0; j < entries.path_len[b]; ++j) {
-      const int64_t slot = next[row[j]]++;
+      if (row[j] < r0 || row[j] >= r1) continue;
+      const int64_t slot = next[row[j] - r0]++;
       g.example[slot] = static_cast<int32_t>(b);
       g.scale[slot] = scale[j];
     }
@@ -383,10 +438,48 @@ HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a,
   }
 }
 
+// Dense weight/bias gradient: the rows are cut into one chunk per thread, of equal cost (2 per
+// entry: a row of D multiply-adds; 1 per row: a store of D) on pass 1's histograms of buckets of
+// rows, and each chunk groups and sums its own rows' entries (group_rows_in_range). Each chunk
+// reads every entry once, cheap next to the sums; nothing runs serially over the V rows or the
+// entries, and there is no shared scatter between the passes.
+template <typename scalar_t>
+void grad_weight_dense(const Args<scalar_t>& a, const Entries<at::opmath_type<scalar_t>>& entries,
+                       const std::vector<int64_t>& count, int64_t num_blocks, int64_t num_rows,
+                       scalar_t* grad_weight, scalar_t* grad_bias) {
+  const int64_t num_buckets = (num_rows + (int64_t{1} << kBucketShift) - 1) >> kBucketShift;
+  if (num_buckets == 0) return;
+  std::vector<int64_t> cost(num_buckets + 1, 0);  // cost[i]: buckets [0, i)
+  for (int64_t i = 0; i < num_buckets; ++i) {
+    int64_t in_bucket = 0;
+    for (int64_t t = 0; t < num_blocks; ++t) in_bucket += count[t * num_buckets + i];
+    const int64_t rows = std::min(num_rows, (i + 1) << kBucketShift) - (i << kBucketShift);
+    cost[i + 1] = cost[i] + 2 * in_bucket + rows;
+  }
+  const int64_t num_chunks = std::min<int64_t>(num_buckets, at::get_num_threads());
+  std::vector<int64_t> bounds(num_chunks + 1, num_rows);  // chunk c: rows [bounds[c], bounds[c+1])
+  bounds[0] = 0;
+  for (int64_t c = 1; c < num_chunks; ++c) {
+    const int64_t goal = cost[num_buckets] * c / num_chunks;
+    const int64_t i = std::lower_bound(cost.begin(), cost.end(), goal) - cost.begin();
+    bounds[c] = std::max(bounds[c - 1], std::min(num_rows, i << kBucketShift));
+  }
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t r0 = bounds[c], r1 = bounds[c + 1];
+      if (r0 == r1) continue;
+      const auto groups = group_rows_in_range(entries, a.rows, r0, r1);
+      grad_weight_groups(a, groups, grad_weight ? grad_weight + r0 * a.dim : nullptr,
+                         grad_bias ? grad_bias + r0 : nullptr, 0, r1 - r0);
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const PathTree& tree,
-                    const at::Tensor& target, at::Tensor& log_prob, at::Tensor& coef) {
+                    const at::Tensor& target, PathCheck& check, at::Tensor& log_prob,
+                    at::Tensor& coef) {
   using acc_t = at::opmath_type<scalar_t>;
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
                          weight.data_ptr<scalar_t>(),
@@ -398,8 +491,10 @@ void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                          coef.size(1),
                          tree};
   scalar_t* out = log_prob.data_ptr<scalar_t>();
-  at::parallel_for(0, hidden.size(0), kBatchGrain,
-                   [&](int64_t begin, int64_t end) { forward_range(a, out, begin, end); });
+  at::parallel_for(0, hidden.size(0), kBatchGrain, [&](int64_t begin, int64_t end) {
+    if (check.ok(begin, end)) forward_range(a, out, begin, end);
+  });
+  check.raise_if_bad();
 }
 
 std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
@@ -410,13 +505,13 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  check_paths(tree, target, node_row_ptr, path_node, max_path_rows);
+  PathCheck check(tree, target, node_row_ptr, path_node, max_path_rows);
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
                         hidden.options().dtype(coef_dtype(hidden.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_forward_cpu",
-      [&] { forward_kernel<scalar_t>(hidden, weight, bias, tree, target, log_prob, coef); });
+      [&] { forward_kernel<scalar_t>(hidden, weight, bias, tree, target, check, log_prob, coef); });
   return {log_prob, coef};
 }
 
@@ -425,9 +520,9 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                      const at::Tensor& hidden, const at::Tensor& weight, const PathTree& tree,
-                     const at::Tensor& target, bool want_weight, bool want_bias, bool sparse,
-                     at::Tensor& grad_hidden, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                     at::Tensor& grad_rows) {
+                     const at::Tensor& target, PathCheck& check, bool want_weight, bool want_bias,
+                     bool sparse, at::Tensor& grad_hidden, at::Tensor& grad_weight,
+                     at::Tensor& grad_bias, at::Tensor& grad_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = hidden.size(0), num_rows = weight.size(0), dim = hidden.size(1);
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
@@ -441,39 +536,46 @@ void backward_kernel(const at::Tensor& grad_log_prob, const at::Tensor& coef,
                          tree};
   const bool want_hidden = grad_hidden.numel() > 0;
   const bool want_groups = want_weight || want_bias;
-  if (!want_hidden && !want_groups) return;
+  if (!want_hidden && !want_groups) return check.all();
   TORCH_CHECK(batch <= std::numeric_limits<int32_t>::max(), "batch of ", batch,
               " examples is too large (at most 2^31 - 1)");
 
   // Pass 1, parallel over fixed blocks of examples (fixed, so the histograms and hence the
-  // result do not depend on the thread count): entries, row histograms, grad_hidden.
-  Entries<acc_t> entries;
-  entries.flat_row.resize(batch * a.rows);
-  entries.flat_scale.resize(batch * a.rows);
-  entries.path_len.resize(batch);
+  // result do not depend on the thread count): entries, bucket histograms, grad_hidden.
+  Entries<acc_t> entries{Buffer<int32_t>(batch * a.rows), Buffer<acc_t>(batch * a.rows),
+                         std::vector<int32_t>(batch)};
   const bool dense_groups = want_groups && !sparse;
   const int64_t num_blocks =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / kBatchGrain));
   const int64_t block = (batch + num_blocks - 1) / num_blocks;
-  std::vector<int64_t> count(dense_groups ? num_blocks * num_rows : 0, 0);
+  const int64_t num_buckets = (num_rows + (int64_t{1} << kBucketShift) - 1) >> kBucketShift;
+  std::vector<int64_t> count(dense_groups ? num_blocks * num_buckets : 0, 0);
   scalar_t* gh = want_hidden ? grad_hidden.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, num_blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      int64_t* block_count = dense_groups ? count.data() + t * num_rows : nullptr;
-      path_entries_range(a, entries, block_count, gh, t * block, std::min(batch, (t + 1) * block));
+      const int64_t begin = t * block, end = std::min(batch, (t + 1) * block);
+      if (!check.ok(begin, end)) continue;
+      int64_t* block_count = dense_groups ? count.data() + t * num_buckets : nullptr;
+      path_entries_range(a, entries, block_count, gh, begin, end);
     }
   });
+  check.raise_if_bad();
   if (!want_groups) return;
 
-  const auto groups = sparse ? group_by_row_sparse(entries, a.rows, num_rows)
-                             : group_by_row_dense(entries, count, num_blocks, a.rows, num_rows);
+  if (!sparse) {
+    if (want_weight) grad_weight = at::empty({num_rows, dim}, weight.options());
+    if (want_bias) grad_bias = at::empty({num_rows}, weight.options());
+    grad_weight_dense(a, entries, count, num_blocks, num_rows,
+                      want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
+                      want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
+    return;
+  }
+  const auto groups = group_by_row_sparse(entries, a.rows, num_rows);
   const int64_t num_groups = groups.num_groups();
   if (want_weight) grad_weight = at::empty({num_groups, dim}, weight.options());
   if (want_bias) grad_bias = at::empty({num_groups}, weight.options());
-  if (sparse) {
-    grad_rows = at::empty({num_groups}, weight.options().dtype(at::kLong));
-    std::copy(groups.rows.begin(), groups.rows.end(), grad_rows.data_ptr<int64_t>());
-  }
+  grad_rows = at::empty({num_groups}, weight.options().dtype(at::kLong));
+  std::copy(groups.rows.begin(), groups.rows.end(), grad_rows.data_ptr<int64_t>());
   scalar_t* gw = want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
   scalar_t* gb = want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
   if (num_groups == 0) return;
@@ -512,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
                       path_choice, target);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  check_paths(tree, target, node_row_ptr, path_node, coef.size(1));
+  PathCheck check(tree, target, node_row_ptr, path_node, coef.size(1));
   const auto g = grad_log_prob.contiguous();
   const auto c = coef.contiguous();
   at::Tensor gh = output_mask[0] ? at::empty_like(hidden) : at::empty({0}, hidden.options());
@@ -521,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   at::Tensor rows = at::empty({0}, weight.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_backward_cpu", [&] {
-        backward_kernel<scalar_t>(g, c, hidden, weight, tree, target, output_mask[1],
+        backward_kernel<scalar_t>(g, c, hidden, weight, tree, target, check, output_mask[1],
                                   output_mask[2] && has_bias, sparse_weight, gh, gw, gb, rows);
       });
   return {gh, gw, gb, rows};
