@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hsoftmax import Tree, trees
+from hsoftmax.data import synthetic
 from hsoftmax.data.samples import load_preset
 from hsoftmax.models import build_tree
 from hsoftmax.trees import tree_stats
@@ -94,11 +96,65 @@ def _preset_row(name: str, seed: int, cache: str) -> dict:
     return row
 
 
+def _simulation_row(name: str, seed: int) -> dict:
+    """The generator's simulation only (no CSV text, no samples) and trees over the visited
+    places: for a preset whose full pipeline needs more memory than this machine can spare."""
+    cfg = synthetic.get_preset(name)
+    c0, t0 = time.process_time(), time.perf_counter()
+    user, place, _, _, xy = synthetic._simulate(cfg, seed, progress=False)
+    row = {
+        "preset": name,
+        "seed": seed,
+        "simulation_only": True,
+        "users_generated": cfg.n_users,
+        "staypoints": len(user),
+        "visited_places": len(xy),
+        "simulation_s": time.perf_counter() - t0,
+        "simulation_cpu_s": time.process_time() - c0,
+        "trees": [],
+    }
+    counts = np.bincount(place, minlength=len(xy))
+    del user, place
+    v = len(xy)
+    builds = (
+        ("balanced-128", lambda: Tree.balanced(v, 128)),
+        ("huffman-2", lambda: trees.huffman(counts, 2)),
+        ("kmeans-128", lambda: trees.from_features(xy, branching=(128,))),
+        ("kmeans-128x128", lambda: trees.from_features(xy, branching=(128, 128))),
+    )
+    for label, build in builds:
+        t0 = time.perf_counter()
+        tree = build()
+        seconds = time.perf_counter() - t0
+        stats = tree_stats(tree, counts)
+        row["trees"].append(
+            {
+                "tree": label,
+                "build_s": seconds,
+                "depth": stats["depth"],
+                "nodes": stats["num_nodes"],
+                "mean_path_length": stats["mean_path_length"],
+                "expected_dot_products": stats["expected_dot_products"],
+            }
+        )
+        print(f"  {name} {label}: {seconds:.1f} s, depth {tree.depth}", flush=True)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["diy-100k", "diy-1m"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", help="reuse/keep generated data here (default: a temp dir)")
+    ap.add_argument(
+        "--simulation-only",
+        nargs="*",
+        default=[],
+        metavar="PRESET",
+        help="for these presets time only the simulation and build the trees over the visited "
+        "places (their staypoint text and samples need more memory than this machine spares)",
+    )
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     machine = f"{_cpu_name()}, {os.cpu_count()} CPUs"
@@ -107,12 +163,24 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache_dir or tmp.name
     rows = []
     for name in args.presets:
-        rows.append(_preset_row(name, args.seed, cache))
+        if name in args.simulation_only:
+            rows.append(_simulation_row(name, args.seed))
+        else:
+            rows.append(_preset_row(name, args.seed, cache))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| preset | users kept | staypoints | V | samples train / val / test | generate (s) "
           "| load_preset (s) | " + " | ".join(f"{t[0]} (s)" for t in TREES) + " |")  # fmt: skip
     print("|---|---|---|---|---|---|---|" + "---|" * len(TREES))
     for r in rows:
+        if r.get("simulation_only"):
+            print(
+                f"| {r['preset']} (simulation only) | {r['users_generated']:,} generated | "
+                f"{r['staypoints']:,} | {r['visited_places']:,} visited | | "
+                f"{r['simulation_s']:.0f} | | "
+                + " | ".join(f"{t['build_s']:.1f}" for t in r["trees"][:3])
+                + " |"
+            )
+            continue
         n = r["samples"]
         print(
             f"| {r['preset']} | {r['users_kept']:,} | {r['staypoints']:,} | {r['V']:,} | "

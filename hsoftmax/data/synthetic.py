@@ -555,6 +555,32 @@ def _even_split(total: int, parts: int) -> np.ndarray:
     return total // parts + (np.arange(parts) < total % parts)
 
 
+def _simulate(cfg: SynthConfig, seed: int, progress: bool):
+    """The province's stays and visited places as arrays (see :func:`_simulate_city`; users and
+    places numbered across cities, coordinates in km from the preset's centre)."""
+    if cfg.n_cities < 1 or cfg.n_cities > min(cfg.n_users, cfg.n_locations):
+        raise ValueError(
+            f"n_cities must be in [1, min(n_users, n_locations)] = "
+            f"[1, {min(cfg.n_users, cfg.n_locations)}], got {cfg.n_cities}"
+        )
+    if cfg.n_cities == 1:
+        return _simulate_city(cfg, np.random.default_rng(seed), progress)
+    users = _even_split(cfg.n_users, cfg.n_cities)
+    places = _even_split(cfg.n_locations, cfg.n_cities)
+    centres = _city_centres_km(cfg)
+    children = np.random.SeedSequence(seed).spawn(cfg.n_cities)
+    parts = []
+    n_users = n_places = 0
+    for c in tqdm(range(cfg.n_cities), desc=f"synth {cfg.name}", disable=not progress,
+                  delay=1.0):  # fmt: skip
+        city = cfg.replace(n_users=int(users[c]), n_locations=int(places[c]), n_cities=1)
+        u, p, s, e, q = _simulate_city(city, np.random.default_rng(children[c]), False)
+        parts.append((u + n_users, p + n_places, s, e, q + centres[c]))
+        n_users += int(users[c])
+        n_places += len(q)
+    return tuple(np.concatenate(a) for a in zip(*parts, strict=True))
+
+
 def generate(
     config: SynthConfig | str = "diy", seed: int = 0, progress: bool = True
 ) -> SynthResult:
@@ -571,29 +597,8 @@ def generate(
         :class:`SynthResult` with the ``staypoints`` and ``locations`` DataFrames.
     """
     cfg = get_preset(config) if isinstance(config, str) else config
-    if cfg.n_cities < 1 or cfg.n_cities > min(cfg.n_users, cfg.n_locations):
-        raise ValueError(
-            f"n_cities must be in [1, min(n_users, n_locations)] = "
-            f"[1, {min(cfg.n_users, cfg.n_locations)}], got {cfg.n_cities}"
-        )
     t0 = time.perf_counter()
-    if cfg.n_cities == 1:
-        su, loc_id, start_m, end_m, xy = _simulate_city(cfg, np.random.default_rng(seed), progress)
-    else:
-        users = _even_split(cfg.n_users, cfg.n_cities)
-        places = _even_split(cfg.n_locations, cfg.n_cities)
-        centres = _city_centres_km(cfg)
-        children = np.random.SeedSequence(seed).spawn(cfg.n_cities)
-        parts = []
-        n_users = n_places = 0
-        for c in tqdm(range(cfg.n_cities), desc=f"synth {cfg.name}", disable=not progress,
-                      delay=1.0):  # fmt: skip
-            city = cfg.replace(n_users=int(users[c]), n_locations=int(places[c]), n_cities=1)
-            u, p, s, e, q = _simulate_city(city, np.random.default_rng(children[c]), False)
-            parts.append((u + n_users, p + n_places, s, e, q + centres[c]))
-            n_users += int(users[c])
-            n_places += len(q)
-        su, loc_id, start_m, end_m, xy = (np.concatenate(a) for a in zip(*parts, strict=True))
+    su, loc_id, start_m, end_m, xy = _simulate(cfg, seed, progress)
     base = np.datetime64(pd.Timestamp(cfg.start_date).date(), "m")
     started = np.datetime_as_string(base + start_m.astype("timedelta64[m]"), unit="s")
     finished = np.datetime_as_string(base + end_m.astype("timedelta64[m]"), unit="s")
