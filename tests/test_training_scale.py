@@ -2,8 +2,8 @@
 
 The `small` preset's samples with their location ids spread over 100,002 classes by a fixed
 random injective map: the model has a 100,002-way head and input embedding, while the data stay
-small enough to train in seconds.  The full-size run on the ``diy-100k`` preset is in
-docs/sparse.md.
+small enough to train in seconds.  ``experiments/scale_train.py`` is the same check at full size
+(the seed model on the ``diy-100k`` preset).
 """
 
 from __future__ import annotations
