@@ -36,6 +36,9 @@ Model, in the order it is simulated:
    (Pólya urn: copy the place of a uniformly chosen earlier free stop).
 6. **Observation.**  Each staypoint is lost with probability ``p_miss`` (GPS gaps, phone off), so
    observed sequences have holes like real ones.
+7. **Provinces** (large vocabularies).  With ``n_cities > 1`` the region is a grid of cities, each
+   simulated as above with its share of the users and places; nobody leaves their city, so the
+   cost grows linearly with the number of cities rather than with users x places overall.
 
 Everything is vectorized over users, days or slots; the only Python loops are over the EPR step
 index (vectorized over all users at once) and over users for the gravity rankings.
