@@ -729,7 +729,7 @@ def load_preset(
     into place, so concurrent or interrupted runs never leave a half-written cache.
 
     Args:
-        name: preset name (``diy``, ``geolife``, ``small``).
+        name: preset name (``diy``, ``geolife``, ``small``, ``diy-100k``, ``diy-1m``).
         seed: generator seed.
         cache_dir: parent directory of the cache.
         progress: show progress bars.

@@ -36,6 +36,9 @@ Model, in the order it is simulated:
    (Pólya urn: copy the place of a uniformly chosen earlier free stop).
 6. **Observation.**  Each staypoint is lost with probability ``p_miss`` (GPS gaps, phone off), so
    observed sequences have holes like real ones.
+7. **Provinces** (large vocabularies).  With ``n_cities > 1`` the region is a grid of cities, each
+   simulated as above with its share of the users and places; nobody leaves their city, so the
+   cost grows linearly with the number of cities rather than with users x places overall.
 
 Everything is vectorized over users, days or slots; the only Python loops are over the EPR step
 index (vectorized over all users at once) and over users for the gravity rankings.
@@ -148,6 +151,13 @@ class SynthConfig:
     travel_min: tuple[float, float] = (8.0, 35.0)  # uniform travel time between stays
     # Observation
     p_miss: float = 0.08  # staypoint not recorded (GPS gaps); calibrated
+    # Large vocabularies: the region is a province of n_cities cities on a square grid,
+    # city_spacing_km apart (centre to centre).  Each city is the model above with
+    # n_users / n_cities users and n_locations / n_cities places; people live, work and explore
+    # in their own city, so the cost of generation grows linearly with the number of cities
+    # (the gravity rules are O(users x places) within a city).
+    n_cities: int = 1
+    city_spacing_km: float = 60.0
     # Sample-building defaults that go with the preset (the protocol used for the real set)
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     previous_day: int = 7
@@ -175,7 +185,8 @@ PRESETS: dict[str, SynthConfig] = _load_presets()
 
 
 def get_preset(name: str) -> SynthConfig:
-    """Return the :class:`SynthConfig` of a named preset (``diy``, ``geolife``, ``small``)."""
+    """Return the :class:`SynthConfig` of a named preset (``diy``, ``geolife``, ``small``,
+    ``diy-100k``, ``diy-1m``)."""
     try:
         return PRESETS[name]
     except KeyError:
@@ -442,22 +453,13 @@ def _epr(cfg, rng, slot_user, free_mask, prev_loc, prev_is_free, explore_order, 
 # --------------------------------------------------------------------------------------------
 
 
-def generate(
-    config: SynthConfig | str = "diy", seed: int = 0, progress: bool = True
-) -> SynthResult:
-    """Generate synthetic staypoints and locations.
+def _simulate_city(cfg: SynthConfig, rng: np.random.Generator, progress: bool):
+    """Simulate one city; return the observed stays and the visited places.
 
-    Args:
-        config: a preset name (``diy``, ``geolife``, ``small``) or a :class:`SynthConfig`.
-        seed: seed of the numpy ``Generator``; the same seed gives identical output.
-        progress: show tqdm progress bars.
-
-    Returns:
-        :class:`SynthResult` with the ``staypoints`` and ``locations`` DataFrames.
+    Returns ``(user (S,), place (S,) in 0..P-1, start (S,), end (S,), xy (P, 2))``: user index,
+    visited-place index, start and end in minutes since ``cfg.start_date``, and the visited
+    places' coordinates in km from the city centre (places in pool order, which is random).
     """
-    cfg = get_preset(config) if isinstance(config, str) else config
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
     U, L = cfg.n_users, _pool_size(cfg)
     bar = tqdm(total=5, desc=f"synth {cfg.name}", disable=not progress, leave=False, delay=1.0)
 
@@ -539,15 +541,76 @@ def generate(
     keep = rng.random(len(su)) >= cfg.p_miss
     # only observed places become locations (ids 0..n-1 in pool order, which is random)
     visited, loc_id = np.unique(loc[keep], return_inverse=True)
+    bar.update()
+    bar.close()
+    return su[keep], loc_id.astype(np.int64), start_m[keep], end_m[keep], xy[visited]
+
+
+def _city_centres_km(cfg: SynthConfig) -> np.ndarray:
+    """(n_cities, 2) city centres in km on a square grid centred on the preset's centre."""
+    side = math.ceil(math.sqrt(cfg.n_cities))
+    i = np.arange(cfg.n_cities)
+    grid = np.stack([i % side, i // side], axis=1).astype(np.float64)
+    return (grid - (side - 1) / 2) * cfg.city_spacing_km
+
+
+def _even_split(total: int, parts: int) -> np.ndarray:
+    return total // parts + (np.arange(parts) < total % parts)
+
+
+def _simulate(cfg: SynthConfig, seed: int, progress: bool):
+    """The province's stays and visited places as arrays (see :func:`_simulate_city`; users and
+    places numbered across cities, coordinates in km from the preset's centre)."""
+    if cfg.n_cities < 1 or cfg.n_cities > min(cfg.n_users, cfg.n_locations):
+        raise ValueError(
+            f"n_cities must be in [1, min(n_users, n_locations)] = "
+            f"[1, {min(cfg.n_users, cfg.n_locations)}], got {cfg.n_cities}"
+        )
+    if cfg.n_cities == 1:
+        return _simulate_city(cfg, np.random.default_rng(seed), progress)
+    users = _even_split(cfg.n_users, cfg.n_cities)
+    places = _even_split(cfg.n_locations, cfg.n_cities)
+    centres = _city_centres_km(cfg)
+    children = np.random.SeedSequence(seed).spawn(cfg.n_cities)
+    parts = []
+    n_users = n_places = 0
+    for c in tqdm(range(cfg.n_cities), desc=f"synth {cfg.name}", disable=not progress,
+                  delay=1.0):  # fmt: skip
+        city = cfg.replace(n_users=int(users[c]), n_locations=int(places[c]), n_cities=1)
+        u, p, s, e, q = _simulate_city(city, np.random.default_rng(children[c]), False)
+        parts.append((u + n_users, p + n_places, s, e, q + centres[c]))
+        n_users += int(users[c])
+        n_places += len(q)
+    return tuple(np.concatenate(a) for a in zip(*parts, strict=True))
+
+
+def generate(
+    config: SynthConfig | str = "diy", seed: int = 0, progress: bool = True
+) -> SynthResult:
+    """Generate synthetic staypoints and locations.
+
+    Args:
+        config: a preset name (``diy``, ``geolife``, ``small``, ``diy-100k``, ``diy-1m``) or a
+            :class:`SynthConfig`.
+        seed: seed of the numpy ``Generator``; the same seed gives identical output.  With
+            ``n_cities > 1`` each city draws from its own child of ``SeedSequence(seed)``.
+        progress: show tqdm progress bars.
+
+    Returns:
+        :class:`SynthResult` with the ``staypoints`` and ``locations`` DataFrames.
+    """
+    cfg = get_preset(config) if isinstance(config, str) else config
+    t0 = time.perf_counter()
+    su, loc_id, start_m, end_m, xy = _simulate(cfg, seed, progress)
     base = np.datetime64(pd.Timestamp(cfg.start_date).date(), "m")
-    started = np.datetime_as_string(base + start_m[keep].astype("timedelta64[m]"), unit="s")
-    finished = np.datetime_as_string(base + end_m[keep].astype("timedelta64[m]"), unit="s")
-    n = int(keep.sum())
+    started = np.datetime_as_string(base + start_m.astype("timedelta64[m]"), unit="s")
+    finished = np.datetime_as_string(base + end_m.astype("timedelta64[m]"), unit="s")
+    n = len(su)
     staypoints = pd.DataFrame(
         {
             "id": np.arange(n, dtype=np.int64),
-            "user_id": su[keep],
-            "location_id": loc_id.astype(np.int64),
+            "user_id": su,
+            "location_id": loc_id,
             "started_at": np.char.add(started, cfg.utc_offset),
             "finished_at": np.char.add(finished, cfg.utc_offset),
         }
@@ -556,13 +619,11 @@ def generate(
     lon = cfg.center_lon + xy[:, 0] / (_KM_PER_DEG_LAT * math.cos(math.radians(cfg.center_lat)))
     locations = pd.DataFrame(
         {
-            "id": np.arange(len(visited), dtype=np.int64),
-            "lat": np.round(lat[visited], 6),
-            "lon": np.round(lon[visited], 6),
+            "id": np.arange(len(xy), dtype=np.int64),
+            "lat": np.round(lat, 6),
+            "lon": np.round(lon, 6),
         }
     )
-    bar.update()
-    bar.close()
     return SynthResult(staypoints, locations, cfg, seed, time.perf_counter() - t0)
 
 
