@@ -92,6 +92,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
     # adamw | sparse_adamw (hsoftmax.optim.SparseAdamW: row-sparse, lazy; for model.sparse)
     optimizer: str = "adamw"
+    fused_adamw: bool = True  # AdamW's fused kernel (same update, one kernel per step)
     # the head's learning rate is lr x this (its rows see few examples each in a tree)
     head_lr_mult: float = 1.0
     warmup_steps: int = 0  # linear learning-rate warm-up over the first steps (0: none)

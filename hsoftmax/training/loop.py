@@ -83,8 +83,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
-    """``train.optimizer`` (AdamW, or the row-sparse :class:`hsoftmax.optim.SparseAdamW`) with
-    the ``train`` section's ``lr`` and ``weight_decay``; with ``head_lr_mult`` != 1 the output
+    """``train.optimizer`` (AdamW, fused unless ``fused_adamw`` is false, or the row-sparse
+    :class:`hsoftmax.optim.SparseAdamW`) with the ``train`` section's ``lr`` and
+    ``weight_decay``; with ``head_lr_mult`` != 1 the output
     head's parameters (names ``output.head.*``) are a second group at ``lr * head_lr_mult``."""
     kind = {"adamw": torch.optim.AdamW, "sparse_adamw": SparseAdamW}[tcfg.get("optimizer", "adamw")]
     mult = float(tcfg.get("head_lr_mult", 1.0))
@@ -96,7 +97,12 @@ def make_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
             raise ValueError("train.head_lr_mult needs a model with an output.head")
         rest = [p for n, p in named if not n.startswith("output.head.")]
         params = [{"params": rest}, {"params": head, "lr": tcfg["lr"] * mult}]
-    return kind(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    extra = {}
+    if kind is torch.optim.AdamW and tcfg.get("fused_adamw", True):
+        # one fused kernel for all parameters: the same update, 5-8x cheaper on the CPU than
+        # the per-parameter loop (docs/training.md, the step profile)
+        extra["fused"] = all(p.is_floating_point() for p in model.parameters())
+    return kind(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"], **extra)
 
 
 def train_step(net, model, optimizer, dataset, idx, device, tcfg: dict) -> torch.Tensor:
