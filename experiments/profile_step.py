@@ -7,10 +7,10 @@ batches in epoch-0 order), after warm-up steps, as the median over ``--steps`` s
     python experiments/profile_step.py --preset diy --steps 20 --threads 2 \\
         --configs dense+mixture hs-kmeans128+mixture+nodes
 
-Phases: ``collate`` (sample dicts -> padded tensors, or the prebuilt table's gather with
-``--prebuilt``), ``encoder`` (embeddings + transformer forward), ``history`` (pointer scorer:
-the window), ``head`` (the head's loss with the mixture: forward only), ``backward`` (all of
-it), ``clip`` (gradient norm clipping), ``optimizer`` (``zero_grad`` + ``step``).
+Phases: ``collate`` (sample dicts -> padded tensors), ``encoder`` (embeddings + transformer
+forward), ``history`` (pointer scorer: the window), ``head`` (the head's loss with the mixture:
+forward only), ``backward`` (all of it), ``clip`` (gradient norm clipping), ``optimizer``
+(``zero_grad`` + ``step``).
 """
 
 from __future__ import annotations
@@ -44,18 +44,13 @@ def profile(name: str, args, data) -> dict[str, float]:
     model.train()
     opt = make_optimizer(model, tcfg)  # train.fused_adamw: --set train.fused_adamw=false
     train_set = MobilityDataset(data.train, max_len=cfg["data"]["max_len"])
-    batcher = None
-    if args.prebuilt:
-        from hsoftmax.data import PaddedSamples
-
-        batcher = PaddedSamples(train_set)
     batches = epoch_batches(len(train_set), tcfg["batch_size"], tcfg["seed"], 0)
     eps = float(tcfg["label_smoothing"])
     times = {p: [] for p in PHASES}
     for step in range(args.warmup + args.steps):
         idx = batches[step % len(batches)]
         t = [time.perf_counter()]
-        batch = batcher.batch(idx) if batcher else collate([train_set[i] for i in idx])
+        batch = collate([train_set[i] for i in idx])
         t.append(time.perf_counter())
         if model.history_kind == "none":
             hidden, window = model.encoder(batch), None
@@ -90,7 +85,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prebuilt", action="store_true", help="batches from PaddedSamples")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,8 +92,7 @@ def main(argv=None) -> int:
     data = load_data(cfg["data"], progress=False)
     print(
         f"{args.preset}: V = {data.n_locations}, B = {cfg['train']['batch_size']}, "
-        f"{args.threads} threads, median of {args.steps} steps (ms); "
-        f"collate: {'prebuilt' if args.prebuilt else 'sample dicts'}"
+        f"{args.threads} threads, median of {args.steps} steps (ms), overrides {args.set}"
     )
     print("| configuration | " + " | ".join(PHASES) + " | step |")
     print("|---" * (len(PHASES) + 2) + "|")
