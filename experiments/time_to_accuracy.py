@@ -32,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def plot(results: list[dict], target: float, path: Path, title: str) -> None:
     ax.axhline(target, color="k", linewidth=0.8, linestyle=":", label=f"target {target:.2f}")
     ax.set_xlabel("training seconds (evaluations excluded)")
     ax.set_ylabel("validation Acc@1 (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     lo = min(min(p["val_acc@1"] for p in r["curve"][1:] or r["curve"]) for r in results)
