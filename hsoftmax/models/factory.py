@@ -56,6 +56,8 @@ MODEL_DEFAULTS: dict = {
     # step then touches only the batch's rows; train with train.optimizer=sparse_adamw and
     # train.label_smoothing=0 (smoothing scores every row, a dense gradient)
     "sparse": False,
+    # start the head's bias at the training targets' unigram prior (Head.init_prior)
+    "prior_init": False,
 }
 
 
@@ -138,17 +140,22 @@ def _tree_from_file(path: str, v: int) -> Tree:
 
 
 def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
-    """The output head named by ``cfg["head"]`` with ``in_features = cfg["d_model"]``."""
+    """The output head named by ``cfg["head"]`` with ``in_features = cfg["d_model"]``; with
+    ``cfg["prior_init"]`` its bias starts at the unigram prior of ``data.train``'s targets."""
     d, v = int(cfg["d_model"]), data.n_locations
     if cfg["head"] == "dense":
-        return DenseSoftmax(d, v)
-    if cfg["head"] == "hsoftmax":
+        head = DenseSoftmax(d, v)
+    elif cfg["head"] == "hsoftmax":
         if tree is None:
             tree = build_tree(
                 cfg["tree"], data, cfg["tree_arity"], cfg["tree_branching"], cfg["tree_seed"]
             )
-        return HierarchicalSoftmax(d, tree, sparse_grad=bool(cfg.get("sparse", False)))
-    raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")
+        head = HierarchicalSoftmax(d, tree, sparse_grad=bool(cfg.get("sparse", False)))
+    else:
+        raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")
+    if cfg.get("prior_init", False):
+        head.init_prior(np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v))
+    return head
 
 
 def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricModel:

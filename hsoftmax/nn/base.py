@@ -110,6 +110,41 @@ class Head(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @torch.no_grad()
+    def init_prior(self, counts, pseudocount: float = 0.1) -> None:
+        """Set the bias so the head starts at the unigram prior of the class ``counts``.
+
+        With zero weights the head then predicts ``p(c) = (counts[c] + pseudocount) / sum(...)``
+        for every input; with the usual small random weights it predicts that up to the
+        weights' share. A head trained with cross-entropy learns this marginal first, spending
+        its first steps on it; starting there leaves its steps to the input dependence. Dense:
+        ``bias = log p``; tree: each node's logits are the log ratios of its children's subtree
+        masses (:func:`hsoftmax.trees.bias_from_log_prob`). The weights are not changed.
+
+        Args:
+            counts: (V,) non-negative class counts (e.g. the training targets' ``bincount``).
+            pseudocount: added to every count, so a class never seen in training keeps a finite
+                (small) probability; must be > 0.
+        """
+        if self.bias is None:
+            raise ValueError("init_prior needs a head with a bias (bias=True)")
+        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64).reshape(-1)
+        if counts.numel() != self.num_classes:
+            raise ValueError(
+                f"counts must have V = {self.num_classes} entries, got {counts.numel()}"
+            )
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise ValueError("counts must be finite and >= 0")
+        if isinstance(pseudocount, bool) or not pseudocount > 0:
+            raise ValueError(f"pseudocount must be > 0, got {pseudocount!r}")
+        log_prob = torch.log(counts + pseudocount)
+        log_prob = log_prob - torch.logsumexp(log_prob, 0)
+        self.bias.copy_(self._bias_for_log_prob(log_prob).to(self.bias))
+
+    def _bias_for_log_prob(self, log_prob: torch.Tensor) -> torch.Tensor:
+        """The bias that, with zero weights, makes the head predict ``exp(log_prob)``."""
+        raise NotImplementedError
+
     @property
     def num_classes(self) -> int:
         """V, the number of classes (leaves)."""

@@ -44,6 +44,9 @@ class DenseSoftmax(Head):
             f"bias={self.bias is not None}"
         )
 
+    def _bias_for_log_prob(self, log_prob):
+        return log_prob  # log-softmax of the bias alone
+
     def _log_prob_all(self, hidden):
         logits = F.linear(hidden, self.weight, self.bias)
         if logits.dtype in (torch.float16, torch.bfloat16):

@@ -133,6 +133,11 @@ class HierarchicalSoftmax(Head):
                 head.bias.copy_(bias)
         return head
 
+    def _bias_for_log_prob(self, log_prob):
+        from hsoftmax.trees import bias_from_log_prob
+
+        return bias_from_log_prob(self.tree, log_prob)
+
     def ranks_by_log_prob(self, device: torch.device | str) -> bool:
         # on the CPU, log_prob, topk and rank all accumulate each path root-down in one order
         return torch.device(device).type == "cpu"

@@ -61,6 +61,8 @@ class DataConfig:
     previous_day: int | None = None  # history window in days (default 7)
     min_history: int | None = None  # fewest history stays of a sample (default 3)
     split: str | None = None  # "0.6,0.2,0.2": train/validation/test per user by day
+    # keep only the samples of users 1..users (a cheaper proxy with the same vocabulary)
+    users: int | None = None
 
 
 # The model section is the model factory's defaults, typed by their values (``tree_branching``
@@ -97,6 +99,14 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bars
     # adamw | sparse_adamw (hsoftmax.optim.SparseAdamW: row-sparse, lazy; for model.sparse)
     optimizer: str = "adamw"
+    fused_adamw: bool = True  # AdamW's fused kernel (same update, one kernel per step)
+    # the head's learning rate is lr x this (its rows see few examples each in a tree)
+    head_lr_mult: float = 1.0
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first steps (0: none)
+    # validation Acc@1 and NLL every that many training samples (curve.json; null: per epoch
+    # only), on eval_samples validation samples (a fixed random subset; null: all)
+    eval_every_samples: int | None = None
+    eval_samples: int | None = None
 
 
 @dataclass
@@ -128,6 +138,8 @@ RESUMABLE_KEYS = frozenset(
         "train.num_threads",
         "train.progress",
         "train.val_metrics",
+        "train.eval_every_samples",
+        "train.eval_samples",
         "output.dir",
         "output.run_dir",
     }
@@ -307,6 +319,11 @@ _RANGES = (
     ("train.lr_patience", lambda x: x >= 0, "an int >= 0"),
     ("train.lr_factor", lambda x: 0 < x < 1, "in (0, 1)"),
     ("train.optimizer", lambda x: x in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    ("train.head_lr_mult", lambda x: x > 0, "a positive number"),
+    ("train.warmup_steps", lambda x: x >= 0, "an int >= 0"),
+    ("train.eval_every_samples", _positive, "a positive int or null"),
+    ("train.eval_samples", _positive, "a positive int or null"),
+    ("data.users", _positive, "a positive int or null"),
     ("name", lambda x: x != "", "a non-empty string"),
     ("output.dir", lambda x: x != "", "a non-empty string"),
 )
