@@ -79,21 +79,24 @@ def _preset_row(name: str, seed: int, cache: str) -> dict:
             tree = build_tree(method, data, arity=size)
         seconds = time.perf_counter() - t0
         counts = np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=data.n_locations)
-        stats = tree_stats(tree, counts)
-        row["trees"].append(
-            {
-                "tree": label,
-                "build_s": seconds,
-                "depth": stats["depth"],
-                "nodes": stats["num_nodes"],
-                "mean_path_length": stats["mean_path_length"],
-                # dot products per training target: the kernel's cost of an example
-                "expected_dot_products": stats["expected_dot_products"],
-            }
-        )
-        print(f"  {name} {label}: {seconds:.1f} s, depth {tree.depth}", flush=True)
+        row["trees"].append(_tree_row(name, label, tree, seconds, counts))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def _tree_row(name: str, label: str, tree, seconds: float, counts) -> dict:
+    """One tree's build time and shape, printed as it is measured."""
+    stats = tree_stats(tree, counts)
+    print(f"  {name} {label}: {seconds:.1f} s, depth {tree.depth}", flush=True)
+    return {
+        "tree": label,
+        "build_s": seconds,
+        "depth": stats["depth"],
+        "nodes": stats["num_nodes"],
+        "mean_path_length": stats["mean_path_length"],
+        # dot products per training target: the kernel's cost of an example
+        "expected_dot_products": stats["expected_dot_products"],
+    }
 
 
 def _simulation_row(name: str, seed: int) -> dict:
@@ -125,19 +128,7 @@ def _simulation_row(name: str, seed: int) -> dict:
     for label, build in builds:
         t0 = time.perf_counter()
         tree = build()
-        seconds = time.perf_counter() - t0
-        stats = tree_stats(tree, counts)
-        row["trees"].append(
-            {
-                "tree": label,
-                "build_s": seconds,
-                "depth": stats["depth"],
-                "nodes": stats["num_nodes"],
-                "mean_path_length": stats["mean_path_length"],
-                "expected_dot_products": stats["expected_dot_products"],
-            }
-        )
-        print(f"  {name} {label}: {seconds:.1f} s, depth {tree.depth}", flush=True)
+        row["trees"].append(_tree_row(name, label, tree, time.perf_counter() - t0, counts))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_heads import CONFIGS, _check_reused  # noqa: E402
+from compare_heads import _result as _run_summary  # noqa: E402
 
 # convergence levers: a suffix of a configuration's name -> its overrides
 LEVERS: dict[str, list[str]] = {
@@ -138,13 +139,11 @@ def run_one(name: str, seed: int, args, out: Path) -> dict:
 
 
 def _result(name: str, seed: int, run_dir: Path) -> dict:
+    """compare_heads' summary of a run, with its validation curve and training totals."""
     history = json.loads((run_dir / "metrics.json").read_text())
     return {
-        "config": name,
-        "seed": seed,
+        **_run_summary(name, seed, run_dir, wall_seconds=None),
         "curve": json.loads((run_dir / "curve.json").read_text()),
-        "test": json.loads((run_dir / "test_metrics.json").read_text()),
-        "epochs": len(history),
         "train_seconds": sum(r["train_seconds"] for r in history),
         "samples_per_second": statistics.median(r["samples_per_second"] for r in history),
     }

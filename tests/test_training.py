@@ -26,45 +26,9 @@ from hsoftmax.training import (
     train,
 )
 
+from conftest import QUIET, small_config
+
 REPO = Path(__file__).resolve().parents[1]
-QUIET = {"echo": lambda *a, **k: None}
-
-TINY_MODEL = [
-    "model.loc_emb_dim=32",
-    "model.user_emb_dim=16",
-    "model.time_emb_dim=4",
-    "model.weekday_emb_dim=2",
-    "model.duration_emb_dim=4",
-    "model.diff_emb_dim=2",
-    "model.d_model=32",
-    "model.num_layers=1",
-    "model.nhead=2",
-    "model.dim_feedforward=64",
-    "model.tree_branching=16",
-]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    load_preset("small", seed=0, cache_dir=d, progress=False)  # generate once for all tests
-    return d
-
-
-def small_config(cache_dir, tmp_path, *extra):
-    return load_config(
-        None,
-        [
-            "name=test",
-            "data.preset=small",
-            f"data.cache_dir={cache_dir}",
-            f"output.dir={tmp_path}",
-            "train.progress=false",
-            "train.num_threads=1",
-            *TINY_MODEL,
-            *extra,
-        ],
-    )
 
 
 @pytest.mark.slow

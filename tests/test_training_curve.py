@@ -18,28 +18,7 @@ from hsoftmax.training.data import keep_users
 from hsoftmax.training.loop import make_optimizer
 from hsoftmax.tree import Tree
 
-QUIET = {"echo": lambda *a, **k: None}
-TINY_MODEL = ["model.loc_emb_dim=16", "model.user_emb_dim=8", "model.time_emb_dim=4",
-              "model.weekday_emb_dim=2", "model.duration_emb_dim=4", "model.diff_emb_dim=2",
-              "model.d_model=16", "model.num_layers=1", "model.nhead=2",
-              "model.dim_feedforward=32", "model.tree_branching=16"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    load_preset("small", seed=0, cache_dir=d, progress=False)  # generate once for all tests
-    return d
-
-
-def small_config(cache_dir, tmp_path, *extra):
-    return load_config(
-        None,
-        ["name=test", "data.preset=small", f"data.cache_dir={cache_dir}",
-         f"output.dir={tmp_path}", "train.progress=false", "train.num_threads=1",
-         *TINY_MODEL, *extra],
-    )  # fmt: skip
-
+from conftest import QUIET, small_config
 
 INTERVAL = ("train.batch_size=32", "train.max_steps_per_epoch=5", "train.val_metrics=true",
             "model.dropout=0.3", "train.label_smoothing=0.05")  # fmt: skip

@@ -53,14 +53,11 @@ def register(subparsers) -> None:
     e = subparsers.add_parser(
         "evaluate",
         help="re-evaluate a run's checkpoint, or an ensemble of runs",
-        description="Re-evaluate RUN_DIR/ckpt.pt (the best epoch) and print the metrics table. "
-        "With several RUN_DIRs: the ensemble that averages their probabilities (exact top-k and "
-        "ranks over all classes); the runs must share their data.",
+        description=_evaluate.__doc__,
     )
     e.add_argument("run_dir", metavar="RUN_DIR", nargs="+")
     e.add_argument("--out", help="ensemble: also write the metrics to this JSON file")
-    e.add_argument("--split", choices=("test", "validation", "train"), default="test")
-    e.add_argument("--which", choices=("best", "last"), default="best")
+    _add_split_and_which(e)
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_evaluate)
@@ -68,17 +65,20 @@ def register(subparsers) -> None:
     pr = subparsers.add_parser(
         "predict",
         help="write a run's top-k next-location predictions to a CSV",
-        description="Predict with RUN_DIR's best checkpoint: one row per sample of a split with "
-        "the user, the true next location and the top-k locations with their probabilities, in "
-        "the data's original ids.",
+        description=_predict.__doc__,
     )
     pr.add_argument("run_dir", metavar="RUN_DIR")
     pr.add_argument("--data", help="data directory (default: the run's own data)")
     pr.add_argument("--out", default="predictions.csv", help="CSV file to write")
-    pr.add_argument("--split", choices=("test", "validation", "train"), default="test")
     pr.add_argument("--k", type=int, default=10, help="locations per sample (default 10)")
-    pr.add_argument("--which", choices=("best", "last"), default="best")
+    _add_split_and_which(pr)
     pr.set_defaults(func=_predict)
+
+
+def _add_split_and_which(parser) -> None:
+    """The split to use and which checkpoint of a run (evaluate and predict)."""
+    parser.add_argument("--split", choices=("test", "validation", "train"), default="test")
+    parser.add_argument("--which", choices=("best", "last"), default="best")
 
 
 def _overrides(args) -> list[str]:
@@ -124,6 +124,9 @@ def _train(args) -> int:
 
 
 def _predict(args) -> int:
+    """Predict with RUN_DIR's best checkpoint: one row per sample of a split with the user, the
+    true next location and the top-k locations with their probabilities, in the data's original
+    ids."""
     from hsoftmax.training import predict_run
 
     try:
@@ -139,6 +142,9 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
+    """Re-evaluate RUN_DIR/ckpt.pt (the best epoch) and print the metrics table. With several
+    RUN_DIRs: the ensemble that averages their probabilities (exact top-k and ranks over all
+    classes); the runs must share their data."""
     from hsoftmax.training import evaluate_ensemble, evaluate_run
 
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
