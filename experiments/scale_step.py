@@ -96,7 +96,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     p.add_argument("--one", nargs=2, metavar=("V", "CONFIG"), help=argparse.SUPPRESS)
+    p.add_argument("--plot", type=Path, help="draw CPU s/step and peak memory against V here")
+    p.add_argument(
+        "--from-json", type=Path, help="train nothing: plot the rows of an earlier --out file"
+    )
     args = p.parse_args()
+    if args.from_json:
+        if args.plot is None:
+            p.error("--from-json needs --plot")
+        _plot(json.loads(args.from_json.read_text()), args.plot)
+        return
     if args.one:
         print(json.dumps(_one(int(args.one[0]), args.one[1], args.steps, args.threads)))
         return
@@ -127,6 +136,37 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot:
+        _plot(rows, args.plot)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """CPU seconds per step and peak resident memory against V, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for config in CONFIGS:
+        mine = sorted(
+            (r for r in rows if r["config"] == config and "cpu_s" in r), key=lambda r: r["V"]
+        )
+        if mine:
+            vs = [r["V"] for r in mine]
+            ax_t.plot(vs, [r["cpu_s"] for r in mine], marker="o", label=config)
+            ax_m.plot(vs, [r["peak_rss_mb"] / 1024 for r in mine], marker="o", label=config)
+    for ax, label in ((ax_t, "CPU s per training step"), (ax_m, "peak resident memory (GB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("V (locations)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_t.legend(fontsize=8)
+    fig.suptitle("seed model, one training step (batch 256, 1 thread)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
