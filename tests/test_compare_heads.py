@@ -122,9 +122,15 @@ def test_table_only_tabulates_every_recorded_run_with_its_best_epoch(tmp_path, c
         compare_heads.main(argv)
 
 
-def test_a_real_tiny_comparison_trains_through_the_cli(tmp_path, capsys):
+def test_a_real_tiny_comparison_trains_through_the_cli(tmp_path, capsys, monkeypatch):
     """The script starts each training as a ``python -m hsoftmax train`` process: one tiny run
     on the ``small`` preset goes all the way to a results row."""
+    import hsoftmax
+
+    # the child must import the hsoftmax this test imported (an installed one, not a checkout's
+    # sources without the compiled library that the working directory would put first)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(Path(hsoftmax.__file__).resolve().parent.parent))
     tiny = [
         "data.preset=small", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps_per_epoch=2",
         "train.num_threads=1", "model.d_model=16", "model.nhead=2", "model.num_layers=1",
