@@ -531,5 +531,5 @@ def test_user_memory_leaves_the_training_target_out():
 
 
 def test_user_memory_needs_the_mixture():
-    with pytest.raises(ValueError, match="user_memory extends the pointer: it needs history"):
+    with pytest.raises(ValueError, match="user memory extends the pointer: it needs history 'mix"):
         make("dense", "kmeans", "none", user_memory=4)

@@ -121,8 +121,7 @@ def build_tree(method: str, data, arity: int = 2, branching=128, seed: int = 0) 
             branching = tuple(branching)
         return trees.from_features(coords, branching=branching, seed=seed, coords="latlon")
     if method == "huffman":
-        counts = np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v)
-        return trees.huffman(counts, arity)
+        return trees.huffman(_target_counts(data), arity)
     raise ValueError(f"model.tree must be one of {TREES}, got {method!r}")
 
 
@@ -137,6 +136,11 @@ def _tree_from_file(path: str, v: int) -> Tree:
             "--method kmeans --data <data dir> --out tree.hst`"
         )
     return tree
+
+
+def _target_counts(data) -> np.ndarray:
+    """(V,) how often each class is a training target (the Huffman tree's and the prior's)."""
+    return np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=data.n_locations)
 
 
 def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
@@ -154,7 +158,7 @@ def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
     else:
         raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")
     if cfg.get("prior_init", False):
-        head.init_prior(np.bincount(np.asarray(data.train.y, dtype=np.int64), minlength=v))
+        head.init_prior(_target_counts(data))
     return head
 
 
@@ -179,9 +183,7 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
         sparse=bool(cfg["sparse"]),
     )
     memory = None
-    if cfg["user_memory"]:
-        if cfg["history"] != "mixture":
-            raise ValueError("model.user_memory extends the pointer: it needs history 'mixture'")
+    if cfg["user_memory"]:  # HistoryCentricModel refuses it without the mixture
         loc, count = UserMemory.tables(
             data.train.sample_user, data.train.y, data.n_users, int(cfg["user_memory"])
         )
