@@ -90,6 +90,15 @@ CONFIGS: dict[str, list[str]] = {
         "model.smoothing=nodes",
         "model.user_memory=64",
     ],
+    # ... whose entries also score their visits in the example's weekday and time of day
+    "hs-kmeans128+mixture+nodes+memory+context": [
+        "model.head=hsoftmax",
+        "model.tree=kmeans",
+        "model.history=mixture",
+        "model.smoothing=nodes",
+        "model.user_memory=64",
+        "model.user_memory_context=true",
+    ],
 }
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from hsoftmax.data import MobilityDataset, SampleSet, collate
+from hsoftmax.data.dataset import batch_context, sample_context
 from hsoftmax.models import (
     HistoryEncoder,
     HistoryMixture,
@@ -65,7 +67,17 @@ def fake_data(v: int = V, users: int = USERS, seed: int = 0):
             "lon": 110.4 + 0.1 * rng.random(v - 2),
         }
     )
-    train = SimpleNamespace(y=rng.integers(1, v, 500), sample_user=rng.integers(1, users, 500))
+    day = rng.integers(0, 60, 500)
+    train = SimpleNamespace(  # one history stay per sample: what sample_context reads
+        y=rng.integers(1, v, 500),
+        sample_user=rng.integers(1, users, 500),
+        hist_end=np.arange(1, 501),
+        start_min=rng.integers(0, 1440, 500),
+        dur=rng.integers(0, 3000, 500),
+        weekday=rng.integers(0, 7, 500),
+        day=day,
+        target_day=day + rng.integers(0, 8, 500),
+    )
     return SimpleNamespace(n_locations=v, n_users=users, locations=locs, train=train)
 
 
@@ -487,10 +499,12 @@ def test_user_memory_tables_against_counting():
         assert list(zip(loc[u].tolist(), count[u].tolist(), strict=True)) == expect, u
 
 
+@pytest.mark.parametrize("context", [False, True])
 @pytest.mark.parametrize("head", ["hsoftmax", "dense"])
-def test_user_memory_keeps_topk_and_rank_exact(head):
-    model = make(head, "kmeans", "mixture", user_memory=6)
+def test_user_memory_keeps_topk_and_rank_exact(head, context):
+    model = make(head, "kmeans", "mixture", user_memory=6, user_memory_context=context)
     assert model.memory is not None
+    assert (model.memory.context_count is not None) == context
     for seed in range(3):
         batch = fake_batch(b=16, seed=seed)
         lp = model.log_prob_all(batch)
@@ -528,6 +542,88 @@ def test_user_memory_leaves_the_training_target_out():
     assert valid_t.tolist() == [[False, True], [True, True], [False, False]]
     w = memory.w_count.detach()
     torch.testing.assert_close(logits_t[1, 1] - logits[1, 1], w * (math.log(2) - math.log(3)))
+
+
+def test_context_id_of_samples_equals_the_batch_s():
+    """The training tables' contexts (from the samples) and the model's (from a collate batch)
+    agree, and both equal the definition in minutes: weekday of the target day, two-hour slot in
+    which the last stay ends (taken at the middle of its 30-minute duration bucket)."""
+    rng = np.random.default_rng(5)
+    n = 40
+    ends = np.cumsum(rng.integers(1, 5, n))
+    stays = int(ends[-1])
+    day = np.sort(rng.integers(0, 30, stays))
+    samples = SampleSet(
+        loc=rng.integers(2, 20, stays),
+        user=np.repeat(rng.integers(1, 5, n), np.diff(ends, prepend=0)),
+        weekday=rng.integers(0, 7, stays),
+        start_min=rng.integers(0, 1440, stays),
+        dur=rng.integers(0, 4000, stays),
+        day=day,
+        hist_start=np.append(0, ends[:-1]),
+        hist_end=ends,
+        target_day=day[ends - 1] + rng.integers(0, 8, n),
+        y=rng.integers(2, 20, n),
+    )
+    got = sample_context(samples)
+    ds = MobilityDataset(samples)
+    batch_ctx = batch_context(collate([ds[i] for i in range(n)]))
+    assert batch_ctx.tolist() == got.tolist()
+    for i in range(n):
+        last = ends[i] - 1
+        wd = (samples.weekday[last] + samples.target_day[i] - day[last]) % 7
+        bucket = min(samples.dur[last] // 30, 95)
+        end = (samples.start_min[last] // 15) * 15 + bucket * 30 + 15
+        assert got[i] == wd * 12 + (end % 1440) // 120, i
+
+
+def test_user_memory_context_tables_against_counting():
+    rng = np.random.default_rng(4)
+    user, y, ctx = rng.integers(1, 6, 600), rng.integers(2, 30, 600), rng.integers(0, 84, 600)
+    loc, _ = UserMemory.tables(user, y, n_users=7, size=5)
+    table = UserMemory.context_tables(user, y, ctx, loc)
+    assert table.shape == (7, 5, 7, 12)
+    counts = Counter(zip(user.tolist(), y.tolist(), ctx.tolist(), strict=True))
+    for u in range(7):
+        for n in range(5):
+            for c in range(84):
+                expect = counts[(u, int(loc[u, n]), c)] if loc[u, n] > 0 else 0
+                assert table[u, n, c // 12, c % 12] == expect, (u, n, c)
+    with pytest.raises(ValueError, match=r"context must be ints in \[0, 84\)"):
+        UserMemory.context_tables(user, y, ctx + 1, loc)
+
+
+def test_user_memory_context_features_leave_the_training_target_out():
+    loc = torch.tensor([[0, 0], [5, 7]])
+    count = torch.tensor([[0.0, 0.0], [2.0, 3.0]])
+    ctx = torch.zeros(2, 2, 7, 12)
+    ctx[1, 0, 2, 3] = 2.0  # location 5: twice on Wednesday, slot 3
+    ctx[1, 1, 2, 4] = 3.0  # location 7: three times on Wednesday, slot 4
+    torch.manual_seed(0)
+    memory = UserMemory(loc, count, d_model=4, emb_dim=3, context_count=ctx).double()
+    torch.manual_seed(0)
+    plain_memory = UserMemory(loc, count, d_model=4, emb_dim=3).double()  # same weights
+    embed = nn.Embedding(10, 3).double()
+    user, hidden = torch.tensor([1, 1]), torch.randn(2, 4, dtype=torch.float64)
+    context = torch.tensor([2 * 12 + 3, 2 * 12 + 3])  # both on Wednesday, slot 3
+    with pytest.raises(ValueError, match="pass each example's context"):
+        memory(user, hidden, embed)
+    _, _, without = plain_memory(user, hidden, embed)
+    _, _, logits = memory(user, hidden, embed, context=context)
+    w = memory.w_context.detach()
+    l1p = math.log1p
+    # (in the context, on its weekday, in its slot): 5 -> (2, 2, 2); 7 -> (0, 3, 0)
+    feats = torch.tensor([[l1p(2), l1p(2), l1p(2)], [0.0, l1p(3), 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logits, without + (feats @ w)[None, :])
+    _, _, trained = memory(user, hidden, embed, target=torch.tensor([5, 9]), context=context)
+    # example 0's own visit to 5 leaves each of 5's counts one lower; example 1's target (9) is
+    # not in the memory: its logits stay
+    torch.testing.assert_close(trained[1], logits[1])
+    torch.testing.assert_close(trained[0, 1], logits[0, 1])
+    torch.testing.assert_close(
+        trained[0, 0] - logits[0, 0],
+        (l1p(1) - l1p(2)) * w.sum() + memory.w_count.detach() * (math.log(1) - math.log(2)),
+    )
 
 
 def test_user_memory_needs_the_mixture():

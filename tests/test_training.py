@@ -129,6 +129,8 @@ def test_config_overrides_and_unknown_keys():
         load_config(None, ["model.history=logit_add"])
     with pytest.raises(ConfigError, match="user_memory extends the pointer"):
         load_config(None, ["model.user_memory=8", "model.history=none"])
+    with pytest.raises(ConfigError, match="user_memory_context counts the memory's visits"):
+        load_config(None, ["model.user_memory_context=true"])
 
 
 @pytest.mark.parametrize("name", PACKAGED_CONFIGS)

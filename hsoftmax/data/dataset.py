@@ -32,7 +32,19 @@ from torch.utils.data import Dataset
 
 from .samples import SampleSet, load_mhsa
 
-__all__ = ["MobilityDataset", "collate", "N_TIME_SLOTS", "N_DURATIONS", "N_WEEKDAYS"]
+__all__ = [
+    "CONTEXT_SLOT_MINUTES",
+    "MobilityDataset",
+    "N_CONTEXTS",
+    "N_CONTEXT_SLOTS",
+    "N_DURATIONS",
+    "N_TIME_SLOTS",
+    "N_WEEKDAYS",
+    "batch_context",
+    "collate",
+    "context_id",
+    "sample_context",
+]
 
 TIME_SLOT_MINUTES = 15
 DURATION_BUCKET_MINUTES = 30
@@ -40,6 +52,43 @@ N_TIME_SLOTS = 24 * 60 // TIME_SLOT_MINUTES  # 96
 N_DURATIONS = 96  # 30-minute buckets up to 2 days (MHSA clips stays at 2 days - 1 minute)
 N_WEEKDAYS = 7
 _SEQ = ("x", "time", "weekday", "duration", "diff")
+# the prediction context: the target day's weekday x the two-hour slot in which the last stay ends
+CONTEXT_SLOT_MINUTES = 120
+N_CONTEXT_SLOTS = 24 * 60 // CONTEXT_SLOT_MINUTES  # 12
+N_CONTEXTS = N_WEEKDAYS * N_CONTEXT_SLOTS  # 84
+
+
+def context_id(time, duration, weekday, diff):
+    """Prediction context ``target weekday * 12 + two-hour slot of the last stay's end`` (0..83)
+    from the last history stay's features as a batch holds them: start ``time`` slot, ``duration``
+    bucket (its middle is taken), ``weekday`` and ``diff`` (days before the target day). Works on
+    numpy arrays and torch tensors alike, so training tables and batches share one definition."""
+    end_min = (
+        time * TIME_SLOT_MINUTES + duration * DURATION_BUCKET_MINUTES + DURATION_BUCKET_MINUTES // 2
+    )
+    return ((weekday + diff) % N_WEEKDAYS) * N_CONTEXT_SLOTS + (end_min % 1440) // (
+        CONTEXT_SLOT_MINUTES
+    )
+
+
+def batch_context(batch: dict) -> torch.Tensor:
+    """(B,) :func:`context_id` of each row of a :func:`collate` batch (its last real stay)."""
+    last = (batch["mask"].sum(1) - 1).clamp(min=0)[:, None]
+    at = {k: batch[k].gather(1, last)[:, 0] for k in ("time", "duration", "weekday", "diff")}
+    return context_id(at["time"], at["duration"], at["weekday"], at["diff"])
+
+
+def sample_context(samples: SampleSet) -> np.ndarray:
+    """(N,) :func:`context_id` of every sample, from the same buckets :class:`MobilityDataset`
+    and :func:`collate` give a batch (default widths)."""
+    last = np.asarray(samples.hist_end, dtype=np.int64) - 1
+    time = np.asarray(samples.start_min, dtype=np.int64)[last] // TIME_SLOT_MINUTES
+    dur = np.minimum(
+        np.asarray(samples.dur, dtype=np.int64)[last] // DURATION_BUCKET_MINUTES, N_DURATIONS - 1
+    )
+    weekday = np.asarray(samples.weekday, dtype=np.int64)[last]
+    diff = np.asarray(samples.target_day, dtype=np.int64) - np.asarray(samples.day)[last]
+    return context_id(time, dur, weekday, diff)
 
 
 class MobilityDataset(Dataset):

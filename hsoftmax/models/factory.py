@@ -13,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from hsoftmax import trees
+from hsoftmax.data.dataset import sample_context
 from hsoftmax.nn import DenseSoftmax, HierarchicalSoftmax
 from hsoftmax.tree import Tree
 
@@ -52,6 +53,9 @@ MODEL_DEFAULTS: dict = {
     # a user memory (history mixture only): each user's N most visited training locations join
     # the pointer (0: none); see hsoftmax.models.history.UserMemory
     "user_memory": 0,
+    # the memory also counts each entry's visits per target weekday and two-hour slot and scores
+    # them in the example's context (UserMemory's context counts); needs user_memory > 0
+    "user_memory_context": False,
     # row-sparse gradients for the location embedding and the tree head (V = 100K .. 1M): a
     # step then touches only the batch's rows; train with train.optimizer=sparse_adamw and
     # train.label_smoothing=0 (smoothing scores every row, a dense gradient)
@@ -187,7 +191,14 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
         loc, count = UserMemory.tables(
             data.train.sample_user, data.train.y, data.n_users, int(cfg["user_memory"])
         )
-        memory = UserMemory(loc, count, int(cfg["d_model"]), int(cfg["loc_emb_dim"]))
+        context = None
+        if cfg["user_memory_context"]:
+            context = UserMemory.context_tables(
+                data.train.sample_user, data.train.y, sample_context(data.train), loc
+            )
+        memory = UserMemory(
+            loc, count, int(cfg["d_model"]), int(cfg["loc_emb_dim"]), context_count=context
+        )
     return HistoryCentricModel(
         encoder,
         build_head(cfg, data, tree),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsoftmax import nn as heads
+from hsoftmax.data.dataset import N_CONTEXT_SLOTS, N_WEEKDAYS
 
 __all__ = [
     "HISTORY_KINDS",
@@ -40,6 +41,8 @@ __all__ = [
 
 HISTORY_KINDS = ("none", "mixture", "logit_add")
 _NEG_INF = float("-inf")
+# a prediction context: target weekday x two-hour slot (hsoftmax.data.dataset.context_id)
+_CONTEXT_SHAPE = (N_WEEKDAYS, N_CONTEXT_SLOTS)
 
 
 def masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -216,14 +219,26 @@ class UserMemory(nn.Module):
     (a location visited only then drops out), so the memory never tells a training example its
     own answer.
 
+    **Context counts** (``context_count`` given): each entry also counts the user's training
+    visits in each prediction context ``c`` = (target weekday, two-hour slot in which the last
+    stay ends; :func:`hsoftmax.data.dataset.context_id`), and an example in context ``c`` adds
+
+    ``w_c · [log1p(n_u(l, c)), log1p(n_u(l, weekday(c))), log1p(n_u(l, slot(c)))]``
+
+    to the entry's logit (``w_c`` three learned weights): the weekly and daily routines
+    (Tuesday's sports club, the usual lunch place) that a window of the last days often misses.
+    The leave-one-out applies to these counts too.
+
     Args:
         loc: (U, N) int64 location ids per user (0 = empty slot).
         count: (U, N) visit counts (0 = empty slot).
         d_model: the hidden size D; ``emb_dim``: the location embedding's width.
+        context_count: optional (U, N, 7, 12) visit counts per target weekday and two-hour slot
+            (:meth:`context_tables`); ``forward`` then needs each example's context.
     """
 
     def __init__(self, loc: torch.Tensor, count: torch.Tensor, d_model: int, emb_dim: int,
-                 d_key: int = 32):  # fmt: skip
+                 d_key: int = 32, context_count: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
         if loc.shape != count.shape or loc.dim() != 2:
             raise ValueError(
@@ -237,6 +252,16 @@ class UserMemory(nn.Module):
         self.key = nn.Linear(emb_dim, d_key, bias=False)
         self.w_count = nn.Parameter(torch.tensor(1.0))
         self.bias = nn.Parameter(torch.tensor(0.0))
+        self.register_buffer("context_count", None)
+        if context_count is not None:
+            if context_count.shape != (*loc.shape, *_CONTEXT_SHAPE):
+                raise ValueError(
+                    f"context_count must have shape (U, N, {_CONTEXT_SHAPE[0]}, "
+                    f"{_CONTEXT_SHAPE[1]}) = {(*loc.shape, *_CONTEXT_SHAPE)}, got "
+                    f"{tuple(context_count.shape)}"
+                )
+            self.register_buffer("context_count", context_count.to(torch.float32))
+            self.w_context = nn.Parameter(torch.full((3,), 0.5))
 
     @staticmethod
     def tables(user: np.ndarray, y: np.ndarray, n_users: int, size: int):
@@ -256,17 +281,64 @@ class UserMemory(nn.Module):
         count[pairs[keep, 0], slot[keep]] = n[keep]
         return torch.from_numpy(loc), torch.from_numpy(count)
 
-    def forward(self, user, hidden, embed, target=None):
+    @staticmethod
+    def context_tables(user: np.ndarray, y: np.ndarray, context: np.ndarray,
+                       loc: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """(U, N, 7, 12) counts of the training examples (``user``, target ``y``, ``context`` in
+        0..83) per memory entry ``loc`` (U, N) of :meth:`tables` and context."""
+        user, y = np.asarray(user, dtype=np.int64), np.asarray(y, dtype=np.int64)
+        context = np.asarray(context, dtype=np.int64)
+        n_contexts = _CONTEXT_SHAPE[0] * _CONTEXT_SHAPE[1]
+        if context.shape != y.shape or (len(context) and not 0 <= context.min() <= context.max()
+                                        < n_contexts):  # fmt: skip
+            raise ValueError(f"context must be ints in [0, {n_contexts}), one per example")
+        table = loc.numpy()
+        n_users, size = table.shape
+        span = max(int(table.max(initial=0)), int(y.max(initial=0))) + 1
+        keys = np.arange(n_users)[:, None] * span + table  # every (user, location) entry
+        order = np.argsort(keys, axis=None, kind="stable")
+        flat = keys.ravel()[order]
+        query = user * span + y
+        pos = np.searchsorted(flat, query).clip(0, len(flat) - 1)
+        found = (flat[pos] == query) & (y > 0)
+        counts = np.zeros((n_users * size, n_contexts), dtype=np.float32)
+        np.add.at(counts, (order[pos[found]], context[found]), 1.0)
+        return torch.from_numpy(counts.reshape(n_users, size, *_CONTEXT_SHAPE))
+
+    def forward(self, user, hidden, embed, target=None, context=None):
         """``(loc, valid, logits)``, each (B, N), for the users (B,) given the hidden states
-        (B, D), the location embedding ``embed`` and, in training, the targets (B,)."""
+        (B, D), the location embedding ``embed``, in training the targets (B,), and, with
+        context counts, each example's context (B,) in 0..83."""
         loc, count = self.loc[user], self.count[user]
-        if target is not None:
-            count = count - (loc == target[:, None]).to(count.dtype)
+        hit = None if target is None else (loc == target[:, None]).to(count.dtype)
+        if hit is not None:
+            count = count - hit
         valid = count > 0
         q = self.query(hidden)[:, :, None]
         logits = (self.key(embed(loc)) @ q).squeeze(-1) / math.sqrt(self.d_key)
         logits = logits + self.w_count * torch.log(count.clamp(min=1.0)) + self.bias
+        if self.context_count is not None:
+            if context is None:
+                raise ValueError("this memory has context counts: pass each example's context")
+            logits = logits + self._context_features(user, context, hit) @ self.w_context
         return loc, valid, logits
+
+    def _context_features(self, user, context, hit) -> torch.Tensor:
+        """(B, N, 3): log1p of the entry's counts in the context, on its weekday, in its slot."""
+        counts = self.context_count[user]  # (B, N, 7, 12)
+        rows = torch.arange(len(user), device=user.device)
+        weekday, slot = context // _CONTEXT_SHAPE[1], context % _CONTEXT_SHAPE[1]
+        feats = torch.stack(
+            [
+                counts[rows, :, weekday, slot],
+                counts.sum(3)[rows, :, weekday],
+                counts.sum(2)[rows, :, slot],
+            ],
+            dim=-1,
+        )
+        if hit is not None:  # the example's own visit is in all three of its context's counts
+            feats = feats - hit[:, :, None]
+        return torch.log1p(feats.clamp(min=0.0))
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

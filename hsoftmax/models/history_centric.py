@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from hsoftmax.data.dataset import N_DURATIONS, N_TIME_SLOTS, N_WEEKDAYS
+from hsoftmax.data.dataset import N_DURATIONS, N_TIME_SLOTS, N_WEEKDAYS, batch_context
 from hsoftmax.nn import Dropout, check_smoothing_mode
 
 from . import history as hist
@@ -213,7 +213,8 @@ class HistoryCentricModel(nn.Module):
             return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states)
         # in training, each example's own target visit is left out of its user's memory
         target = batch["y"] if self.training else None
-        extra = self.memory(batch["user"], hidden, self.encoder.loc_emb, target)
+        context = batch_context(batch) if self.memory.context_count is not None else None
+        extra = self.memory(batch["user"], hidden, self.encoder.loc_emb, target, context)
         return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states, extra)
 
     def forward(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0):

@@ -348,6 +348,10 @@ def _validate(cfg: dict) -> None:
             "model.sparse needs model.head 'hsoftmax' and train.label_smoothing 0 (label "
             "smoothing scores every row of the head, a dense gradient)"
         )
+    if m["user_memory_context"] and not m["user_memory"]:
+        raise ConfigError(
+            "model.user_memory_context counts the memory's visits: set model.user_memory"
+        )
     if m["user_memory"] and m["history"] != "mixture":
         raise ConfigError("model.user_memory extends the pointer: it needs model.history 'mixture'")
     if m["history"] == "logit_add" and m["head"] != "dense":
