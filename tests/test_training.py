@@ -269,10 +269,16 @@ def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
 
 
 def test_node_smoothing_config():
-    cfg = load_config("diy", ["model.history=none", "model.smoothing=nodes"])
+    with pytest.raises(ConfigError, match="set model.user_memory=0 for history 'none'"):
+        load_config("diy", ["model.history=none"])  # diy has the user memory
+    no_memory = ["model.user_memory=0", "model.user_memory_context=false"]
+    cfg = load_config("diy", [*no_memory, "model.history=none", "model.smoothing=nodes"])
     assert cfg["model"]["smoothing"] == "nodes"
     assert load_config("diy", ["model.smoothing=nodes"])["model"]["history"] == "mixture"
     with pytest.raises(ConfigError, match="model.smoothing 'nodes' .* needs model.history 'none'"):
-        load_config("diy", ["model.head=dense", "model.history=logit_add", "model.smoothing=nodes"])
+        load_config(
+            "diy",
+            [*no_memory, "model.head=dense", "model.history=logit_add", "model.smoothing=nodes"],
+        )
     with pytest.raises(ConfigError, match="model.smoothing must be 'leaves' or 'nodes'"):
-        load_config("diy", ["model.history=none", "model.smoothing=edges"])
+        load_config("diy", [*no_memory, "model.history=none", "model.smoothing=edges"])

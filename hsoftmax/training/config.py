@@ -353,6 +353,9 @@ def _validate(cfg: dict) -> None:
             "model.user_memory_context counts the memory's visits: set model.user_memory"
         )
     if m["user_memory"] and m["history"] != "mixture":
-        raise ConfigError("model.user_memory extends the pointer: it needs model.history 'mixture'")
+        raise ConfigError(
+            "model.user_memory extends the pointer: it needs model.history 'mixture' (set "
+            f"model.user_memory=0 for history {m['history']!r})"
+        )
     if m["history"] == "logit_add" and m["head"] != "dense":
         raise ConfigError("model.history 'logit_add' is only valid with model.head 'dense'")
