@@ -4,7 +4,9 @@ Trains each configuration (``compare_heads.py``'s, plus convergence levers appen
 ``+prior``, ``+headlr2``, ``+warmup``...) with the validation curve taken every
 ``--eval-every`` training samples on a fixed subset of ``--eval-samples`` validation samples
 (``train.eval_every_samples``, ``train.eval_samples``), each run in its own ``hsoftmax train``
-process, one after the other. Then it writes, under ``--out``:
+process, one after the other (``--jobs 2``: two at a time, in the order configuration by
+configuration, seed by seed, so a configuration's two seeds run side by side; give each run
+``--set train.num_threads=1`` on a 2-core machine). Then it writes, under ``--out``:
 
 * ``table.md``: per configuration the time (training seconds, evaluations excluded) and the
   samples to reach the target -- the best dense configuration's best validation Acc@1 on the
@@ -252,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=16384, help="training samples per point")
     p.add_argument("--eval-samples", type=int, default=2000, help="validation samples per point")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
     p.add_argument(
         "--note", default="", help="appended to the machine in the header (e.g. its load)"
     )
@@ -265,14 +268,22 @@ def main(argv=None) -> int:
             p.error(str(e))
     out = Path(args.out or f"experiments/results/tta-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_one(name, seed, args, out) for name in args.configs for seed in args.seeds]
+    todo = [(name, seed) for name in args.configs for seed in args.seeds]
+    if args.jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:  # each run is a child process
+            results = list(pool.map(lambda job: run_one(*job, args, out), todo))
+    else:
+        results = [run_one(name, seed, args, out) for name, seed in todo]
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     target, dense_name = target_of(results)
     proxy = f", users 1..{args.users}" if args.users else ""
     header = (
         f"preset {args.preset}{proxy}, epochs <= {args.epochs}, seeds {args.seeds}, a point "
         f"every {args.eval_every:,} training samples on {args.eval_samples:,} validation "
-        f"samples, overrides {args.set or 'none'}; on {_machine()}{args.note}.\n"
+        f"samples, overrides {args.set or 'none'}, {args.jobs} run(s) at a time; "
+        f"on {_machine()}{args.note}.\n"
         f"Target: {dense_name}'s best validation Acc@1 - 0.1 = {target:.2f}. Time: training "
         "seconds to the first point at or above it (evaluations excluded); test: the best "
         "epoch (lowest validation NLL)."
