@@ -202,6 +202,63 @@ def table(results: list[dict], target: float, dense_name: str) -> str:
     return "\n".join(lines)
 
 
+def dense_counterpart(name: str) -> str | None:
+    """The dense configuration with a tree configuration's history and levers: the tree and its
+    node smoothing dropped (``hs-kmeans128+mixture+nodes+memory`` -> ``dense+mixture+memory``,
+    ``hs-kmeans128`` -> ``dense``); None for a dense configuration."""
+    head, *rest = name.split("+")
+    if not head.startswith("hs-"):
+        return None
+    return "+".join(["dense", *(p for p in rest if p != "nodes")])
+
+
+def pairs_table(results: list[dict]) -> str:
+    """Each tree configuration against its dense counterpart, when both ran: the target is the
+    counterpart's best validation Acc@1 (mean over its seeds) - 0.1, as in ``target_of``."""
+    names = list(dict.fromkeys(r["config"] for r in results))
+    columns = (
+        "tree configuration", "dense counterpart", "target", "tree s to target",
+        "dense s to target", "time / dense's", "val Acc@1 by half dense's time: tree / dense",
+        "test Acc@1: tree / dense", "test MRR: tree / dense",
+    )  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for name in names:
+        dense = dense_counterpart(name)
+        if dense in names:
+            lines.append("| " + " | ".join(_pair_cells(results, name, dense)) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _pair_cells(results: list[dict], tree: str, dense: str) -> list[str]:
+    runs = {n: [r for r in results if r["config"] == n] for n in (tree, dense)}
+    target, _ = target_of(runs[dense])
+    reach, seeds = {}, {}
+    for n, rs in runs.items():  # mean over the seeds that reached the target
+        got = [s for s in (time_to_target(r["curve"], target)[0] for r in rs) if s is not None]
+        reach[n], seeds[n] = _mean(got), f"{len(got)}/{len(rs)} seeds"
+    half = {
+        n: _mean([best_by(r["curve"], reach[dense] / 2) for r in rs]) if reach[dense] else None
+        for n, rs in runs.items()
+    }
+    test = {
+        (n, m): statistics.mean(r["test"][m] for r in rs)
+        for n, rs in runs.items()
+        for m in ("acc@1", "mrr")
+    }
+    return [
+        tree,
+        dense,
+        f"{target:.2f}",
+        *(
+            "not reached" if reach[n] is None else f"{reach[n]:.0f} ({seeds[n]})"
+            for n in (tree, dense)
+        ),
+        "–" if reach[tree] is None or not reach[dense] else f"{reach[tree] / reach[dense]:.2f}",
+        " / ".join("–" if half[n] is None else f"{half[n]:.2f}" for n in (tree, dense)),
+        *(" / ".join(f"{test[n, m]:.2f}" for n in (tree, dense)) for m in ("acc@1", "mrr")),
+    ]
+
+
 def plot(results: list[dict], target: float, path: Path, title: str) -> None:
     import matplotlib
 
@@ -243,9 +300,11 @@ def _machine() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="diy", choices=("diy", "geolife", "small"))
+    p.add_argument("--preset", default="diy", choices=("diy", "diy-100k", "geolife", "small"))
     p.add_argument(
-        "--config", default=None, help="training config (default: the preset's; demo for small)"
+        "--config",
+        default=None,
+        help="training config (default: the preset's; diy for diy-100k, demo for small)",
     )
     p.add_argument("--users", type=int, default=None, help="data.users: a proxy with fewer users")
     p.add_argument("--epochs", type=int, default=100, help="at most (early stopping applies)")
@@ -260,7 +319,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default=None, help="default experiments/results/tta-<preset>")
     args = p.parse_args(argv)
-    args.config = args.config or ("demo" if args.preset == "small" else args.preset)
+    args.config = args.config or {"small": "demo", "diy-100k": "diy"}.get(args.preset, args.preset)
     for name in args.configs:
         try:
             overrides_of(name)
@@ -289,6 +348,12 @@ def main(argv=None) -> int:
         "epoch (lowest validation NLL)."
     )
     text = table(results, target, dense_name)
+    pairs = pairs_table(results)
+    if pairs:
+        text += (
+            "\n\nEach tree configuration against the dense one with the same history (its "
+            "target: that dense configuration's best validation Acc@1 - 0.1):\n\n" + pairs
+        )
     (out / "table.md").write_text(f"{header}\n\n{text}\n")
     plot(results, target, out / "curves.png", header.split(";")[0])
     print(header)

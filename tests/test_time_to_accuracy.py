@@ -66,3 +66,70 @@ def test_table_reports_ratios_and_an_unreached_target():
     assert rows["hs-huffman"][4].startswith("not reached (1/1 seeds)")
     # by half of dense's 5 s: the points at 0 and 2.5 s
     assert [rows[k][8] for k in ("dense", "hs-binary", "hs-huffman")] == ["10.00", "40.00", "5.00"]
+
+
+def test_each_tree_configuration_is_paired_with_the_dense_one_of_the_same_history():
+    assert tta.dense_counterpart("hs-kmeans128+mixture+nodes+memory+context") == (
+        "dense+mixture+memory+context"
+    )
+    assert tta.dense_counterpart("hs-kmeans128") == "dense"
+    assert tta.dense_counterpart("hs-binary+mixture+prior") == "dense+mixture+prior"
+    assert tta.dense_counterpart("dense+mixture") is None
+
+    def run(config, seed, points, acc):
+        return {
+            "config": config, "seed": seed, "curve": _curve(points),
+            "test": {"acc@1": acc, "mrr": acc + 10},
+        }  # fmt: skip
+
+    results = [
+        # the target is the dense runs' best points' mean - 0.1 = (40 + 30) / 2 - 0.1
+        run("dense", 0, [0, 10, 40], 41.0),  # reached at 5 s
+        run("dense", 1, [0, 30, 20], 43.0),  # never reached
+        run("hs-binary", 0, [0, 35], 42.0),  # reached at 2.5 s
+        run("hs-binary", 1, [0, 20, 20, 36], 44.0),  # reached at 7.5 s
+        run("hs-huffman+mixture", 0, [0, 50], 50.0),  # no dense+mixture ran: no row
+    ]
+    text = tta.pairs_table(results)
+    rows = [line.split(" | ") for line in text.splitlines()[2:]]
+    assert len(rows) == 1
+    assert rows[0][1:9] == [
+        "dense", "34.90", "5 (2/2 seeds)", "5 (1/2 seeds)", "1.00",
+        "27.50 / 20.00", "43.00 / 42.00", "53.00 / 52.00 |",
+    ]  # fmt: skip  # by half of dense's 5 s: the best points up to 2.5 s
+    assert tta.pairs_table(results[4:]) == ""
+
+
+def test_a_real_tiny_run_with_two_jobs_gives_every_curve_and_the_table(tmp_path, monkeypatch):
+    """``--jobs 2``: two ``python -m hsoftmax train`` processes at a time, every run's curve and
+    test metrics in results.json, one table row per configuration and the plot."""
+    import json
+
+    import hsoftmax
+
+    monkeypatch.chdir(tmp_path)  # the child imports the hsoftmax this test imported
+    monkeypatch.setenv("PYTHONPATH", str(Path(hsoftmax.__file__).resolve().parent.parent))
+    tiny = [
+        f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps_per_epoch=3",
+        "train.batch_size=32", "train.num_threads=1", "model.d_model=16", "model.nhead=2",
+        "model.num_layers=1", "model.dim_feedforward=16", "model.tree=balanced",
+    ]  # fmt: skip
+    argv = ["--preset", "small", "--epochs", "1", "--seeds", "0", "1", "--jobs", "2"]
+    argv += ["--eval-every", "32", "--eval-samples", "40", "--out", str(tmp_path / "out")]
+    argv += [x for s in tiny for x in ("--set", s)]
+    assert tta.main([*argv, "--configs", "dense", "hs-binary"]) == 0
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [
+        ("dense", 0), ("dense", 1), ("hs-binary", 0), ("hs-binary", 1),
+    ]  # fmt: skip
+    for r in rows:  # a point before training, then every 32 samples of the 3 x 32
+        assert [p["samples"] for p in r["curve"]] == [0, 32, 64, 96]
+        assert 0.0 <= r["test"]["acc@1"] <= 100.0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "2 run(s) at a time" in table
+    main_table, pairs = table.split("\n\n")[1], table.split("\n\n")[3]
+    assert [line.split(" | ")[0] for line in main_table.splitlines()[2:]] == [
+        "| dense", "| hs-binary",
+    ]  # fmt: skip
+    assert [line.split(" | ")[:2] for line in pairs.splitlines()[2:]] == [["| hs-binary", "dense"]]
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
