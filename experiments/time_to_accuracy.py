@@ -156,13 +156,24 @@ def _mean(values: list) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def _reach(rows: list[dict], target: float) -> tuple[float | None, float | None, int]:
+    """(mean seconds, mean samples) to ``target`` over the runs that reached it, and their
+    number; (None, None, 0) if none did."""
+    hits = [h for h in (time_to_target(r["curve"], target) for r in rows) if h[0] is not None]
+    return _mean([s for s, _ in hits]), _mean([n for _, n in hits]), len(hits)
+
+
+def _half(rows: list[dict], dense_seconds: float | None) -> float | None:
+    """The acceptance measure also when the target is not reached: the runs' mean best
+    validation Acc@1 within half of the dense configuration's time to the target."""
+    if not dense_seconds:
+        return None
+    return _mean([best_by(r["curve"], dense_seconds / 2) for r in rows])
+
+
 def table(results: list[dict], target: float, dense_name: str) -> str:
     """One row per configuration (means over its seeds)."""
-    reach: dict[str, list[tuple]] = {}
-    for r in results:
-        reach.setdefault(r["config"], []).append(time_to_target(r["curve"], target))
-    dense_s = _mean([s for s, _ in reach[dense_name]])
-    dense_n = _mean([n for _, n in reach[dense_name]])
+    dense_s, dense_n, _ = _reach([r for r in results if r["config"] == dense_name], target)
     columns = (
         "configuration", "seeds", "epochs", "samples/s", "s to target", "samples to target",
         "time / dense's", "samples / dense's", "val Acc@1 by half dense's time",
@@ -175,13 +186,11 @@ def table(results: list[dict], target: float, dense_name: str) -> str:
 
     for name in dict.fromkeys(r["config"] for r in results):
         rows = [r for r in results if r["config"] == name]
-        hit = reach[name]
         # reached by every seed, or the target is reported as not reached
-        secs = _mean([s for s, _ in hit]) if all(s is not None for s, _ in hit) else None
-        nums = _mean([n for _, n in hit]) if secs is not None else None
-        miss = f"not reached ({sum(s is None for s, _ in hit)}/{len(hit)} seeds)"
-        # the acceptance measure also when the target is not reached: where a run is by 0.5x
-        half = _mean([best_by(r["curve"], dense_s / 2) for r in rows]) if dense_s else None
+        secs, nums, k = _reach(rows, target)
+        if k < len(rows):
+            secs = nums = None
+        miss = f"not reached ({len(rows) - k}/{len(rows)} seeds)"
         cells = [
             name,
             str(len(rows)),
@@ -191,7 +200,7 @@ def table(results: list[dict], target: float, dense_name: str) -> str:
             fmt(nums, ",.0f"),
             fmt(secs / dense_s if secs is not None and dense_s else None, ".2f"),
             fmt(nums / dense_n if nums is not None and dense_n else None, ".2f"),
-            fmt(half, ".2f"),
+            fmt(_half(rows, dense_s), ".2f"),
             f"{statistics.mean(max(p['val_acc@1'] for p in r['curve']) for r in rows):.2f}",
             *(
                 f"{statistics.mean(r['test'][m] for r in rows):.{d}f}"
@@ -234,12 +243,9 @@ def _pair_cells(results: list[dict], tree: str, dense: str) -> list[str]:
     target, _ = target_of(runs[dense])
     reach, seeds = {}, {}
     for n, rs in runs.items():  # mean over the seeds that reached the target
-        got = [s for s in (time_to_target(r["curve"], target)[0] for r in rs) if s is not None]
-        reach[n], seeds[n] = _mean(got), f"{len(got)}/{len(rs)} seeds"
-    half = {
-        n: _mean([best_by(r["curve"], reach[dense] / 2) for r in rs]) if reach[dense] else None
-        for n, rs in runs.items()
-    }
+        reach[n], _, k = _reach(rs, target)
+        seeds[n] = f"{k}/{len(rs)} seeds"
+    half = {n: _half(rs, reach[dense]) for n, rs in runs.items()}
     test = {
         (n, m): statistics.mean(r["test"][m] for r in rs)
         for n, rs in runs.items()
@@ -319,6 +325,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default=None, help="default experiments/results/tta-<preset>")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     args.config = args.config or {"small": "demo", "diy-100k": "diy"}.get(args.preset, args.preset)
     for name in args.configs:
         try:

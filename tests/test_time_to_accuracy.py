@@ -133,3 +133,10 @@ def test_a_real_tiny_run_with_two_jobs_gives_every_curve_and_the_table(tmp_path,
     ]  # fmt: skip
     assert [line.split(" | ")[:2] for line in pairs.splitlines()[2:]] == [["| hs-binary", "dense"]]
     assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+
+
+def test_jobs_below_one_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tta.main(["--jobs", "0", "--out", str(tmp_path / "out")])
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
