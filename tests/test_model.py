@@ -629,3 +629,67 @@ def test_user_memory_context_features_leave_the_training_target_out():
 def test_user_memory_needs_the_mixture():
     with pytest.raises(ValueError, match="user memory extends the pointer: it needs history 'mix"):
         make("dense", "kmeans", "none", user_memory=4)
+
+
+def _next_stay_nll_by_hand(model, batch) -> torch.Tensor:
+    """Mean over every (row b, position t) with a stay at t + 1 of the model's NLL of x[b, t + 1]
+    given row b's window cut after position t, one cut window at a time."""
+    terms = []
+    for b in range(batch["x"].shape[0]):
+        for t in range(int(batch["lengths"][b]) - 1):
+            cut = {
+                k: batch[k][b : b + 1, : t + 1]
+                for k in ("x", "time", "weekday", "duration", "diff", "mask")
+            }
+            cut.update(
+                lengths=torch.tensor([t + 1]),
+                user=batch["user"][b : b + 1],
+                y=batch["x"][b : b + 1, t + 1],
+            )
+            terms.append(-model.log_prob(cut)[0])
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize(("head", "tree", "history"), VARIANTS)
+def test_position_loss_is_the_nll_of_every_next_stay_from_its_prefix(head, tree, history):
+    model = make(head, tree, history, position_loss=0.5)
+    batch = fake_batch()
+    ref = _next_stay_nll_by_hand(model, batch)
+    torch.testing.assert_close(model.next_stay_nll(batch), ref)
+    # forward = the main loss + weight * that loss; the main loss is the model's without it
+    plain = make(head, tree, history)
+    main = plain(batch, label_smoothing=0.05)
+    torch.testing.assert_close(model(batch, label_smoothing=0.05), main + 0.5 * ref)
+    # evaluation is untouched by the weight
+    torch.testing.assert_close(model.log_prob(batch), plain.log_prob(batch))
+
+
+def test_position_loss_is_causal_and_leaves_the_user_memory_out():
+    model = make(position_loss=1.0, user_memory=4)
+    batch = fake_batch()
+    ref = model.next_stay_nll(batch)
+    # the last stay's own features (not its location, a target) feed no earlier prediction
+    changed = {k: v.clone() for k, v in batch.items()}
+    last = batch["lengths"] - 1
+    rows = torch.arange(len(last))
+    changed["time"][rows, last] = 95
+    changed["duration"][rows, last] = 1
+    torch.testing.assert_close(model.next_stay_nll(changed), ref)
+    ref.backward()
+    assert model.encoder.input_proj.weight.grad.abs().amax() > 0
+    assert model.output.gate.weight.grad.abs().amax() > 0
+    assert all(p.grad is None for p in model.memory.parameters())
+
+
+def test_position_loss_without_any_two_stay_window_is_zero():
+    model = make(position_loss=1.0)
+    batch = fake_batch(b=3, length=1)
+    loss = model.next_stay_nll(batch)
+    assert loss.item() == 0.0 and loss.requires_grad
+    torch.testing.assert_close(model(batch), make()(batch))
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.inf, math.nan, True])
+def test_position_loss_weight_is_checked(bad):
+    with pytest.raises(ValueError, match="position_loss"):
+        make(position_loss=bad)

@@ -177,6 +177,8 @@ def test_train_from_a_data_directory(cache_dir, tmp_path, kind):
         ("train.progress=maybe", r"'maybe' is not a valid bool .*\(key 'train.progress'\)"),
         ("train.num_threads=-1", "train.num_threads must be a positive int or null"),
         ("model.user_memory=-1", r"model.user_memory must be an int >= 0"),
+        ("model.position_loss=-0.5", r"model.position_loss must be a finite number >= 0"),
+        ("model.position_loss=inf", r"model.position_loss must be a finite number >= 0"),
     ],
 )
 def test_config_values_are_type_and_range_checked(override, message):

@@ -62,6 +62,9 @@ MODEL_DEFAULTS: dict = {
     "sparse": False,
     # start the head's bias at the training targets' unigram prior (Head.init_prior)
     "prior_init": False,
+    # weight of the next-stay loss at every history position (HistoryCentricModel's
+    # position_loss): ~L head targets per encoder pass, cheap for a tree head
+    "position_loss": 0.0,
 }
 
 
@@ -205,6 +208,7 @@ def build_model(cfg: dict, data, tree: Tree | None = None) -> HistoryCentricMode
         history=cfg["history"],
         smoothing=cfg["smoothing"],
         memory=memory,
+        position_loss=cfg["position_loss"],
     )
 
 

@@ -164,8 +164,13 @@ class HistoryCentricModel(nn.Module):
         history: str = "mixture",
         smoothing: str = "leaves",
         memory: hist.UserMemory | None = None,
+        position_loss: float = 0.0,
     ):
         super().__init__()
+        if isinstance(position_loss, bool) or not (
+            isinstance(position_loss, (int, float)) and 0.0 <= position_loss < math.inf
+        ):
+            raise ValueError(f"position_loss must be a finite weight >= 0, got {position_loss!r}")
         if memory is not None and history != "mixture":
             raise ValueError("a user memory extends the pointer: it needs history 'mixture'")
         if history not in hist.HISTORY_KINDS:
@@ -183,6 +188,7 @@ class HistoryCentricModel(nn.Module):
                 f"({encoder.d_model})"
             )
         self.history_kind = history
+        self.position_loss = float(position_loss)
         self.encoder = encoder
         self.memory = memory
         if history == "none":
@@ -204,23 +210,58 @@ class HistoryCentricModel(nn.Module):
 
     def hidden_and_window(self, batch) -> tuple[torch.Tensor, hist.Window | None]:
         """(B, D) hidden state and the history window (None without history)."""
-        if self.history_kind == "none":
-            return self.encoder(batch), None
+        hidden, window, _ = self._encode(batch, all_positions=False)
+        return hidden, window
+
+    def _encode(self, batch, all_positions: bool):
+        """``(hidden, window, states)``: the (B, D) hidden state, the history window (None
+        without history) and the (B, L, D) states at every position (None when neither the
+        history nor ``all_positions`` needs them)."""
+        if self.history_kind == "none" and not all_positions:
+            return self.encoder(batch), None, None
         states = self.encoder(batch, all_positions=True)
         last = (batch["mask"].sum(1) - 1).clamp(min=0)
         hidden = states[torch.arange(states.shape[0], device=states.device), last]
+        if self.history_kind == "none":
+            return hidden, None, states
         if self.memory is None:
-            return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states)
+            return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states), states
         # in training, each example's own target visit is left out of its user's memory
         target = batch["y"] if self.training else None
         context = batch_context(batch) if self.memory.context_count is not None else None
         extra = self.memory(batch["user"], hidden, self.encoder.loc_emb, target, context)
-        return hidden, self.output.scorer(batch["x"], batch["mask"], hidden, states, extra)
+        window = self.output.scorer(batch["x"], batch["mask"], hidden, states, extra)
+        return hidden, window, states
 
     def forward(self, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0):
-        """Scalar mean loss (negative log-likelihood, label-smoothed) of ``batch["y"]``."""
-        hidden, window = self.hidden_and_window(batch)
-        return self.output(hidden, window, batch["y"], label_smoothing=label_smoothing)
+        """Scalar mean training loss: the negative log-likelihood (label-smoothed) of
+        ``batch["y"]``, plus ``position_loss`` times :meth:`next_stay_nll` (the head's NLL of
+        every history stay from the states before it) when that weight is > 0."""
+        hidden, window, states = self._encode(batch, all_positions=self.position_loss > 0)
+        loss = self.output(hidden, window, batch["y"], label_smoothing=label_smoothing)
+        if self.position_loss > 0:
+            loss = loss + self.position_loss * self.next_stay_nll(batch, states)
+        return loss
+
+    def next_stay_nll(self, batch, states: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's mean NLL of every history stay after the first, each predicted from the
+        stays up to the one before it: the encoder state there (causal) and, with a history
+        module, the window of those stays (the user memory left out). This is the window's own
+        language-model loss: one encoder pass gives ~L targets instead of one, and the head's
+        cost grows with them. The window's last stay predicts ``y``, which the main loss scores.
+        ``states``: the encoder's (B, L, D) output for ``batch``, if already computed."""
+        if states is None:
+            states = self.encoder(batch, all_positions=True)
+        x, mask = batch["x"], batch["mask"]
+        rows, t = mask[:, 1:].nonzero(as_tuple=True)  # a stay at t + 1 to predict from t
+        if rows.numel() == 0:  # no window with two stays: nothing to predict
+            return states.sum() * 0.0
+        hidden, target = states[rows, t], x[rows, t + 1]
+        if self.history_kind == "none":
+            return self.output(hidden, None, target)
+        valid = mask[rows] & (torch.arange(x.shape[1], device=x.device) <= t[:, None])
+        window = self.output.scorer(x[rows].masked_fill(~valid, 0), valid, hidden, states[rows])
+        return self.output(hidden, window, target)
 
     def log_prob(self, batch) -> torch.Tensor:
         hidden, window = self.hidden_and_window(batch)
