@@ -110,32 +110,12 @@ CONFIGS: dict[str, list[str]] = {
         "model.user_memory=64",
         "model.user_memory_context=true",
     ],
-    # ... trained also on the next-stay loss at every history position (the window's own
-    # language-model loss through the head: ~L head targets per encoder pass)
-    "dense+positions": ["model.head=dense", "model.history=none", "model.position_loss=1.0"],
-    "hs-kmeans128+positions": [
-        "model.head=hsoftmax",
-        "model.tree=kmeans",
-        "model.history=none",
-        "model.position_loss=1.0",
-    ],
-    "dense+mixture+memory+context+positions": [
-        "model.head=dense",
-        "model.history=mixture",
-        "model.user_memory=64",
-        "model.user_memory_context=true",
-        "model.position_loss=1.0",
-    ],
-    "hs-kmeans128+mixture+nodes+memory+context+positions": [
-        "model.head=hsoftmax",
-        "model.tree=kmeans",
-        "model.history=mixture",
-        "model.smoothing=nodes",
-        "model.user_memory=64",
-        "model.user_memory_context=true",
-        "model.position_loss=1.0",
-    ],
 }
+# ... each also trained on the next-stay loss at every history position (the window's own
+# language-model loss through the head: ~L head targets per encoder pass)
+for _name in ("dense", "hs-kmeans128", "dense+mixture+memory+context",
+              "hs-kmeans128+mixture+nodes+memory+context"):  # fmt: skip
+    CONFIGS[f"{_name}+positions"] = [*CONFIGS[_name], "model.position_loss=1.0"]
 CONFIGS = {name: [*BASE, *sets] for name, sets in CONFIGS.items()}
 METRICS = ("acc@1", "acc@5", "acc@10", "mrr", "ndcg@10", "f1")
 
