@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/op_vs_loop.py [--rounds 30] [--threads 2]
                                                  [--json docs/op-vs-loop.json] [--system-malloc]
+                                                 [--split]
 
 Setting (the README's headline figure): V = 15,584, D = 112, B = 1,024, float32, 2 threads, the
 balanced binary tree, mean NLL loss, gradients for hidden, weight and bias (dense), uniform
@@ -16,6 +17,9 @@ gradient tensors):
 * ``hsoftmax kernels``: the op's forward and backward kernels called directly, no autograd.
 * ``plain loop``: the loop's two functions called directly: the baseline of the kernels.
 * ``dense``: ``F.cross_entropy(F.linear(h, W, b), y)`` then ``.backward()``.
+
+``--split`` times the kernels apart instead: the op's and the loop's forward, their backward, and
+the op's backward for grad_hidden alone and for the weight and bias gradients alone.
 
 Before timing, the loop's loss and gradients are checked against the op's. The contenders are
 timed interleaved, in blocks of ``BLOCK`` calls (dense: one call every ``DENSE_EVERY`` rounds), so
@@ -158,6 +162,48 @@ def make_steps(loop, tree, hidden, weight, bias, target):
     }
 
 
+def make_split_steps(loop, tree, hidden, weight, bias, target):
+    """``--split``: the forward and backward kernels of the op and of the loop timed apart, and
+    the op's backward for grad_hidden alone and for the weight and bias gradients alone."""
+    c = tree.compiled("cpu")
+    tables = (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
+    rows, sign, length = padded_binary_paths(tree)
+    grad_lp = torch.full((B,), -1.0 / B)
+    held: dict[str, tuple] = {}  # outputs held until the next call, as in make_steps
+
+    def op_forward():
+        return torch.ops.hsoftmax.path_log_prob_forward(
+            hidden, weight, bias, *tables, target, tree.max_path_rows, False
+        )
+
+    def loop_forward():
+        return loop.forward(hidden, weight, bias, rows, sign, length, target)
+
+    coef, loop_coef = op_forward()[1], loop_forward()[1]
+
+    def op_backward(mask):
+        def step():
+            held.pop("op", None)
+            held["op"] = torch.ops.hsoftmax.path_log_prob_backward(
+                grad_lp, coef, hidden, weight, *tables, target, True, mask, False
+            )
+
+        return step
+
+    def loop_backward():
+        held.pop("loop", None)
+        held["loop"] = loop.backward(grad_lp, loop_coef, hidden, weight, rows, length, target)
+
+    return {
+        "hsoftmax forward": op_forward,
+        "plain loop forward": loop_forward,
+        "hsoftmax backward": op_backward([True, True, True]),
+        "plain loop backward": loop_backward,
+        "hsoftmax backward, grad hidden only": op_backward([True, False, False]),
+        "hsoftmax backward, grad weight and bias only": op_backward([False, True, True]),
+    }
+
+
 def check_same(steps) -> None:
     """The loop computes the op's loss and gradients (float32 rounding apart)."""
     names = ("loss", "grad hidden", "grad weight", "grad bias")
@@ -190,7 +236,7 @@ def time_interleaved(steps, rounds: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {n: [] for n in steps}
     for i in range(rounds):
         order = fast if i % 2 == 0 else fast[::-1]
-        if i % DENSE_EVERY == 0:
+        if i % DENSE_EVERY == 0 and "dense" in steps:
             order = [*order, "dense"]
         for name in order:
             steps[name]()
@@ -201,11 +247,36 @@ def time_interleaved(steps, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def split_run(steps, args) -> None:
+    """Times the ``--split`` steps and prints their table."""
+    for step in steps.values():
+        step()
+    times = time_interleaved(steps, args.rounds)
+    print(f"V={V:,} D={D} B={B}, {args.threads} threads, float32, {cpu_model()}")
+    print()
+    print("| kernel | min ms | median ms | calls |")
+    print("|---|---:|---:|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {min(t) * 1e3:.3f} | {statistics.median(t) * 1e3:.3f} | {len(t)} |")
+    print()
+    for part in ("forward", "backward"):
+        a, b = times[f"hsoftmax {part}"], times[f"plain loop {part}"]
+        med, lo = statistics.median(a) / statistics.median(b), min(a) / min(b)
+        print(f"hsoftmax {part} / plain loop {part}: {med:.2f}x (medians), {lo:.2f}x (mins)")
+    if args.json:
+        setting = {"V": V, "D": D, "B": B, "threads": args.threads, "tree": "balanced binary"}
+        record = {"setting": setting, "cpu": cpu_model(), "torch": torch.__version__}
+        args.json.write_text(json.dumps({**record, "seconds": times}, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path, help="also write the timings here")
+    parser.add_argument(
+        "--split", action="store_true", help="time the forward and backward kernels apart"
+    )
     parser.add_argument(
         "--system-malloc", action="store_true", help="keep glibc's default (dynamic) thresholds"
     )
@@ -221,6 +292,10 @@ def main() -> None:
     weight = torch.randn(V - 1, D, generator=g) / D**0.5
     bias = torch.randn(V - 1, generator=g) * 0.1
     target = torch.randint(0, V, (B,), generator=g)
+    if args.split:
+        with torch.inference_mode():
+            split_run(make_split_steps(loop, tree, hidden, weight, bias, target), args)
+        return
     steps = make_steps(loop, tree, hidden, weight, bias, target)
     check_same(steps)
     for step in steps.values():  # warm-up: allocator, caches, thread pool
