@@ -90,6 +90,27 @@ def padded_binary_paths(tree: Tree):
     return rows, sign, depth.int()
 
 
+def kernel_inputs(tree: Tree):
+    """The op's tree tables, the loop's padded paths (rows, signs, lengths) and the gradient of
+    the mean NLL with respect to each log-prob, shared by every contender."""
+    c = tree.compiled("cpu")
+    tables = (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
+    grad_lp = torch.full((B,), -1.0 / B)  # d mean(-log p) / d log p
+    return (tables, *padded_binary_paths(tree), grad_lp)
+
+
+def malloc_name(args) -> str:
+    return "glibc defaults" if args.system_malloc else "steady malloc"
+
+
+def write_json(path: Path, args, times) -> None:
+    """The timings with the setting, CPU and torch version they were taken with."""
+    setting = {"V": V, "D": D, "B": B, "threads": args.threads, "tree": "balanced binary"}
+    setting["malloc"] = malloc_name(args)
+    record = {"setting": setting, "cpu": cpu_model(), "torch": torch.__version__, "seconds": times}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def make_steps(loop, tree, hidden, weight, bias, target):
     """name -> a function running one step and returning (loss, grad h, grad W, grad b)."""
     h = hidden.clone().requires_grad_()
@@ -97,10 +118,7 @@ def make_steps(loop, tree, hidden, weight, bias, target):
     b = bias.clone().requires_grad_()
     # every contender reads the same memory, so none finds the others' copy evicted from cache
     hidden, weight, bias = h.detach(), w.detach(), b.detach()
-    c = tree.compiled("cpu")
-    tables = (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
-    rows, sign, length = padded_binary_paths(tree)
-    grad_lp = torch.full((B,), -1.0 / B)  # d mean(-log p) / d log p
+    tables, rows, sign, length, grad_lp = kernel_inputs(tree)
 
     def autograd_step(loss_fn):
         def step():
@@ -165,10 +183,7 @@ def make_steps(loop, tree, hidden, weight, bias, target):
 def make_split_steps(loop, tree, hidden, weight, bias, target):
     """``--split``: the forward and backward kernels of the op and of the loop timed apart, and
     the op's backward for grad_hidden alone and for the weight and bias gradients alone."""
-    c = tree.compiled("cpu")
-    tables = (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
-    rows, sign, length = padded_binary_paths(tree)
-    grad_lp = torch.full((B,), -1.0 / B)
+    tables, rows, sign, length, grad_lp = kernel_inputs(tree)
     held: dict[str, tuple] = {}  # outputs held until the next call, as in make_steps
 
     def op_forward():
@@ -264,9 +279,7 @@ def split_run(steps, args) -> None:
         med, lo = statistics.median(a) / statistics.median(b), min(a) / min(b)
         print(f"hsoftmax {part} / plain loop {part}: {med:.2f}x (medians), {lo:.2f}x (mins)")
     if args.json:
-        setting = {"V": V, "D": D, "B": B, "threads": args.threads, "tree": "balanced binary"}
-        record = {"setting": setting, "cpu": cpu_model(), "torch": torch.__version__}
-        args.json.write_text(json.dumps({**record, "seconds": times}, indent=1) + "\n")
+        write_json(args.json, args, times)
 
 
 def main() -> None:
@@ -303,7 +316,7 @@ def main() -> None:
     times = time_interleaved(steps, args.rounds)
     stats = {n: (min(t), statistics.median(t), len(t)) for n, t in times.items()}
     cpu = cpu_model()
-    malloc = "glibc defaults" if args.system_malloc else "steady malloc"
+    malloc = malloc_name(args)
     print(f"V={V:,} D={D} B={B}, {args.threads} threads, float32, {malloc}, {cpu}")
     print(f"torch {torch.__version__}")
     print()
@@ -319,10 +332,7 @@ def main() -> None:
     lo, med = stats["dense"][0] / stats["hsoftmax"][0], stats["dense"][1] / stats["hsoftmax"][1]
     print(f"dense / hsoftmax: {med:.0f}x (medians), {lo:.0f}x (mins)")
     if args.json:
-        setting = {"V": V, "D": D, "B": B, "threads": args.threads, "tree": "balanced binary"}
-        setting["malloc"] = malloc
-        record = {"setting": setting, "cpu": cpu, "torch": torch.__version__, "seconds": times}
-        args.json.write_text(json.dumps(record, indent=1) + "\n")
+        write_json(args.json, args, times)
 
 
 if __name__ == "__main__":
