@@ -438,9 +438,18 @@ HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a,
   }
 }
 
-// Dense weight/bias gradient: the rows are cut into one chunk per thread, of equal cost (2 per
-// entry: a row of D multiply-adds; 1 per row: a store of D) on pass 1's histograms of buckets of
-// rows, and each chunk groups and sums its own rows' entries (group_rows_in_range). Each chunk
+// Relative costs of the dense weight gradient's work, which its row chunks are balanced on: an
+// entry is a row of D multiply-adds on a hidden row that sits in cache; an output row is a store
+// of D to the (V - 1, D) gradient, which does not. Measured (benchmarks/op_vs_loop.py --split,
+// V = 15,584, 2 threads, Intel Xeon): a row at 4 entries gave the weight and bias gradients
+// 0.34 ms against 0.39-0.47 ms at 0.5, where the thread holding the rows near the root (few
+// rows, most entries) finished early and waited; 2 to 10 entries per row measured alike.
+constexpr int64_t kEntryCost = 1;
+constexpr int64_t kRowCost = 4;
+
+// Dense weight/bias gradient: the rows are cut into one chunk per thread, of equal cost
+// (kEntryCost per entry, kRowCost per row) on pass 1's histograms of buckets of rows, and each
+// chunk groups and sums its own rows' entries (group_rows_in_range). Each chunk
 // reads every entry once, cheap next to the sums; nothing runs serially over the V rows or the
 // entries, and there is no shared scatter between the passes.
 template <typename scalar_t>
@@ -454,7 +463,7 @@ void grad_weight_dense(const Args<scalar_t>& a, const Entries<at::opmath_type<sc
     int64_t in_bucket = 0;
     for (int64_t t = 0; t < num_blocks; ++t) in_bucket += count[t * num_buckets + i];
     const int64_t rows = std::min(num_rows, (i + 1) << kBucketShift) - (i << kBucketShift);
-    cost[i + 1] = cost[i] + 2 * in_bucket + rows;
+    cost[i + 1] = cost[i] + kEntryCost * in_bucket + kRowCost * rows;
   }
   const int64_t num_chunks = std::min<int64_t>(num_buckets, at::get_num_threads());
   std::vector<int64_t> bounds(num_chunks + 1, num_rows);  // chunk c: rows [bounds[c], bounds[c+1])
