@@ -571,6 +571,59 @@ def test_direct_op_refuses_malformed_tree_arrays(good):
         )
 
 
+def _backward_raw(good, coef, arrays):
+    return torch.ops.hsoftmax.path_log_prob_backward(
+        torch.ones(4),
+        coef,
+        good["hidden"].detach(),
+        good["weight"].detach(),
+        arrays["node_row_ptr"],
+        arrays["leaf_path_ptr"],
+        arrays["path_node"],
+        arrays["path_choice"],
+        good["target"],
+        False,
+        [True, True, False],
+    )
+
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        ("path_node", 99, "is not an internal node"),
+        ("path_choice", 5, r"path_choice\[\d+\] = 5 but node"),
+        ("node_row_ptr", 1000, "weight rows"),
+        ("leaf_path_ptr", 1000, "is not a range of the"),
+    ],
+)
+@pytest.mark.parametrize("inference", [False, True])
+def test_in_place_change_to_checked_tree_arrays_is_caught(good, name, value, message, inference):
+    """After a first call has checked every leaf path of a tree's arrays, the kernels check only
+    the targets' range; an in-place change to an array (a new version) brings the path check
+    back. Inference tensors (no version counter) are checked on every call."""
+    c = good["tree"].compiled()
+    with torch.inference_mode(inference):
+        arrays = {
+            k: getattr(c, k).clone()
+            for k in ("node_row_ptr", "leaf_path_ptr", "path_node", "path_choice")
+        }
+    want, coef = _forward_raw(good, **arrays)
+    want_grads = _backward_raw(good, coef, arrays)
+    torch.testing.assert_close(_forward_raw(good, **arrays)[0], want, rtol=0, atol=0)
+    saved = arrays[name].clone()
+    with torch.inference_mode(inference):
+        arrays[name].fill_(value)  # the same tensor, written in place
+    with pytest.raises(RuntimeError, match=message):
+        _forward_raw(good, **arrays)
+    with pytest.raises(RuntimeError, match=message):
+        _backward_raw(good, coef, arrays)
+    with torch.inference_mode(inference):
+        arrays[name].copy_(saved)
+    torch.testing.assert_close(_forward_raw(good, **arrays)[0], want, rtol=0, atol=0)
+    for got, expected in zip(_backward_raw(good, coef, arrays), want_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def _raw_topk(hidden, weight, bias, st, k):
     # the kernel itself, fed tables a Tree would never produce
     args = (st.child_ptr, st.children, st.node_row_ptr, st.root, k)

@@ -18,6 +18,7 @@
 #include "../hsoftmax.h"
 #include "../hsoftmax_math.h"
 #include "../tree_paths.h"
+#include "checked_trees.h"
 #include "cpu_clones.h"
 #include "vec.h"
 
@@ -142,17 +143,25 @@ class ScaledRowSum {
 
 // Every target and its path checked against the tree arrays (see hsoftmax.h), chunk by chunk
 // inside the kernels' own parallel loops, just before a chunk is computed: a separate pass would
-// walk every path twice (about a tenth of the kernel's time) and add a fork/join. No kernel reads
-// through an unchecked path: a failing chunk is skipped and flagged, and raise_if_bad(), after
-// the loop, runs the serial check, which raises the first error in example order (so the message
-// does not depend on the thread count); the half-written outputs are discarded.
+// walk every path twice (about a tenth of the kernel's time) and add a fork/join. When every leaf
+// path of the tables has been checked already (tree_paths_checked: once per tree, then on each
+// change to a table), a chunk's check is its targets' range alone. No kernel reads through an
+// unchecked path: a failing chunk is skipped and flagged, and raise_if_bad(), after the loop, runs
+// the serial check, which raises the first error in example order (so the message does not depend
+// on the thread count); the half-written outputs are discarded.
 class PathCheck {
   const PathTree& tree_;
   const int64_t* target_;
   int64_t batch_, num_internal_, num_entries_, max_path_rows_;
+  bool paths_checked_;
   std::atomic<bool> bad_{false};
 
   void check(int64_t begin, int64_t end) const {
+    if (paths_checked_) {
+      bool in_range = true;
+      for (int64_t b = begin; b < end; ++b) in_range &= valid_target(tree_, target_[b]);
+      if (in_range) return;
+    }
     check_target_paths(target_ + begin, end - begin, tree_.node_row_ptr, num_internal_,
                        tree_.leaf_path_ptr, tree_.num_leaves, tree_.path_node, tree_.path_choice,
                        num_entries_, max_path_rows_);
@@ -160,13 +169,16 @@ class PathCheck {
 
  public:
   PathCheck(const PathTree& tree, const at::Tensor& target, const at::Tensor& node_row_ptr,
-            const at::Tensor& path_node, int64_t max_path_rows)
+            const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
+            const at::Tensor& path_choice, int64_t max_path_rows)
       : tree_(tree),
         target_(target.data_ptr<int64_t>()),
         batch_(target.size(0)),
         num_internal_(node_row_ptr.size(0) - 1),
         num_entries_(path_node.size(0)),
-        max_path_rows_(max_path_rows) {}
+        max_path_rows_(max_path_rows),
+        paths_checked_(tree_paths_checked(node_row_ptr, leaf_path_ptr, path_node, path_choice,
+                                          max_path_rows)) {}
 
   // whether examples [begin, end) may be computed
   bool ok(int64_t begin, int64_t end) {
@@ -514,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  PathCheck check(tree, target, node_row_ptr, path_node, max_path_rows);
+  PathCheck check(tree, target, node_row_ptr, leaf_path_ptr, path_node, path_choice, max_path_rows);
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
                         hidden.options().dtype(coef_dtype(hidden.scalar_type())));
@@ -623,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backwar
   check_backward_args(grad_log_prob, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node,
                       path_choice, target);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
-  PathCheck check(tree, target, node_row_ptr, path_node, coef.size(1));
+  PathCheck check(tree, target, node_row_ptr, leaf_path_ptr, path_node, path_choice, coef.size(1));
   const auto g = grad_log_prob.contiguous();
   const auto c = coef.contiguous();
   at::Tensor gh = output_mask[0] ? at::empty_like(hidden) : at::empty({0}, hidden.options());
