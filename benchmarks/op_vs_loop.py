@@ -14,12 +14,15 @@ gradient tensors):
   the weight gradient accumulated by threads that each own a range of rows; ``at::parallel_for``),
   compiled ``-O3 -march=native`` into build/plain_loop on first use, behind a
   ``torch.autograd.Function``: the like-for-like baseline of ``hsoftmax``.
-* ``hsoftmax kernels``: the op's forward and backward kernels called directly, no autograd.
+* ``hsoftmax kernels``: the op's forward and backward kernels called directly, no autograd, as
+  the autograd formula calls them (the forward also sums grad_hidden's basis; the backward
+  kernel computes the weight and bias gradients; grad_hidden = gradient * basis).
 * ``plain loop``: the loop's two functions called directly: the baseline of the kernels.
 * ``dense``: ``F.cross_entropy(F.linear(h, W, b), y)`` then ``.backward()``.
 
-``--split`` times the kernels apart instead: the op's and the loop's forward, their backward, and
-the op's backward for grad_hidden alone and for the weight and bias gradients alone.
+``--split`` times the kernels apart instead: the op's and the loop's forward, and their backward;
+the op's as training runs them and without the basis (the forward as evaluation runs it, the
+backward kernel computing all three gradients).
 
 Before timing, the loop's loss and gradients are checked against the op's. The contenders are
 timed interleaved, in blocks of ``BLOCK`` calls (dense: one call every ``DENSE_EVERY`` rounds), so
@@ -111,6 +114,13 @@ def write_json(path: Path, args, times) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def op_forward(hidden, weight, bias, tables, target, tree, basis=True):
+    """The op's forward kernel as training calls it: with grad_hidden's basis (``basis``)."""
+    return torch.ops.hsoftmax.path_log_prob_forward(
+        hidden, weight, bias, *tables, target, tree.max_path_rows, False, basis
+    )
+
+
 def make_steps(loop, tree, hidden, weight, bias, target):
     """name -> a function running one step and returning (loss, grad h, grad W, grad b)."""
     h = hidden.clone().requires_grad_()
@@ -140,12 +150,13 @@ def make_steps(loop, tree, hidden, weight, bias, target):
         held.pop("kernels", None)
         # inference mode skips the ops' autograd kernels (the backward op's, registered from
         # Python, would add ~0.1 ms of interpreter time to every direct call)
+        # as the autograd formula runs them: the forward also sums grad_hidden's basis, the
+        # backward kernel computes the weight and bias gradients
         with torch.inference_mode():
-            lp, coef = torch.ops.hsoftmax.path_log_prob_forward(
-                hidden, weight, bias, *tables, target, tree.max_path_rows, False
-            )
-            gh, gw, gb, _ = torch.ops.hsoftmax.path_log_prob_backward(
-                grad_lp, coef, hidden, weight, *tables, target, True, [True, True, True], False
+            lp, coef, basis = op_forward(hidden, weight, bias, tables, target, tree)
+            gh = grad_lp.unsqueeze(1) * basis
+            _, gw, gb, _ = torch.ops.hsoftmax.path_log_prob_backward(
+                grad_lp, coef, hidden, weight, *tables, target, True, [False, True, True], False
             )
             held["kernels"] = (gh, gw, gb)
             return -lp.mean(), gh, gw, gb
@@ -181,27 +192,37 @@ def make_steps(loop, tree, hidden, weight, bias, target):
 
 
 def make_split_steps(loop, tree, hidden, weight, bias, target):
-    """``--split``: the forward and backward kernels of the op and of the loop timed apart, and
-    the op's backward for grad_hidden alone and for the weight and bias gradients alone."""
+    """``--split``: the forward and backward kernels of the op and of the loop timed apart. The
+    op's as training runs them (the forward also sums grad_hidden's basis; the backward is the
+    weight and bias gradients plus grad_hidden = gradient * basis), and as a direct call
+    without the basis runs them (the forward alone, as in evaluation; the backward kernel
+    computing all three gradients)."""
     tables, rows, sign, length, grad_lp = kernel_inputs(tree)
     held: dict[str, tuple] = {}  # outputs held until the next call, as in make_steps
+    _, coef, basis = op_forward(hidden, weight, bias, tables, target, tree)
+    loop_coef = loop.forward(hidden, weight, bias, rows, sign, length, target)[1]
 
-    def op_forward():
-        return torch.ops.hsoftmax.path_log_prob_forward(
-            hidden, weight, bias, *tables, target, tree.max_path_rows, False
-        )
+    def forward(with_basis):
+        def step():
+            held.pop("op forward", None)
+            held["op forward"] = op_forward(hidden, weight, bias, tables, target, tree, with_basis)
+
+        return step
 
     def loop_forward():
-        return loop.forward(hidden, weight, bias, rows, sign, length, target)
+        held.pop("loop forward", None)
+        held["loop forward"] = loop.forward(hidden, weight, bias, rows, sign, length, target)
 
-    coef, loop_coef = op_forward()[1], loop_forward()[1]
+    def backward(with_basis):
+        mask = [not with_basis, True, True]
 
-    def op_backward(mask):
         def step():
             held.pop("op", None)
-            held["op"] = torch.ops.hsoftmax.path_log_prob_backward(
+            grads = torch.ops.hsoftmax.path_log_prob_backward(
                 grad_lp, coef, hidden, weight, *tables, target, True, mask, False
             )
+            gh = grad_lp.unsqueeze(1) * basis if with_basis else grads[0]
+            held["op"] = (gh, *grads[1:])
 
         return step
 
@@ -210,12 +231,12 @@ def make_split_steps(loop, tree, hidden, weight, bias, target):
         held["loop"] = loop.backward(grad_lp, loop_coef, hidden, weight, rows, length, target)
 
     return {
-        "hsoftmax forward": op_forward,
+        "hsoftmax forward": forward(True),
         "plain loop forward": loop_forward,
-        "hsoftmax backward": op_backward([True, True, True]),
+        "hsoftmax backward": backward(True),
         "plain loop backward": loop_backward,
-        "hsoftmax backward, grad hidden only": op_backward([True, False, False]),
-        "hsoftmax backward, grad weight and bias only": op_backward([False, True, True]),
+        "hsoftmax forward, no basis": forward(False),
+        "hsoftmax backward, no basis": backward(False),
     }
 
 

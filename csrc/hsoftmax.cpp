@@ -5,6 +5,7 @@
 #ifndef HSM_NO_PYTHON
 #include <Python.h>
 #endif
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -22,6 +23,12 @@ namespace hsoftmax {
 
 at::ScalarType coef_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor empty_hidden_grad_basis(const at::Tensor& hidden, bool hidden_grad) {
+  const auto options = hidden.options().dtype(coef_dtype(hidden.scalar_type()));
+  return hidden_grad ? at::empty({hidden.size(0), hidden.size(1)}, options)
+                     : at::empty({0}, options);
 }
 
 PathTree path_tree_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr,
@@ -271,11 +278,16 @@ TORCH_LIBRARY(hsoftmax, m) {
   // log p(target | hidden) of every example, plus d log p / d logit for every weight row on the
   // example's path (B, max_path_rows), which the backward consumes. Rows past the end of an
   // example's path are zero. sparse_grad only tells the autograd formula to return a sparse
-  // weight gradient; the forward ignores it.
+  // weight gradient; the forward ignores it. With hidden_grad, the third output is the
+  // hidden-gradient basis (B, D) in the coefficients' dtype, u_b = sum over the path's rows of
+  // coef * weight row, so that d/d hidden_b of sum_b g_b log p_b is g_b * u_b; the CPU kernel
+  // sums it while the path's rows are in cache (the autograd formula asks for it when hidden
+  // needs a gradient). Otherwise the third output is empty (0,).
   m.def(
       "path_log_prob_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor node_row_ptr, "
       "Tensor leaf_path_ptr, Tensor path_node, Tensor path_choice, Tensor target, "
-      "int max_path_rows, bool sparse_grad=False) -> (Tensor, Tensor)");
+      "int max_path_rows, bool sparse_grad=False, bool hidden_grad=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // Gradients of sum_b grad_log_prob[b] * log p_b w.r.t. (hidden, weight, bias); an output whose
   // output_mask entry is false (or bias when has_bias is false) is returned empty. With
   // sparse_weight, the weight/bias gradients hold only the K rows the batch touched, listed in

@@ -59,4 +59,8 @@ PathTree path_tree_of(const at::Tensor& node_row_ptr, const at::Tensor& leaf_pat
 // The dtype of the saved gradient coefficients: float for float/half/bfloat16, double for double.
 at::ScalarType coef_dtype(at::ScalarType input);
 
+// path_log_prob_forward's third output, uninitialised: (B, D) in coef_dtype when hidden_grad,
+// else empty (0,).
+at::Tensor empty_hidden_grad_basis(const at::Tensor& hidden, bool hidden_grad);
+
 }  // namespace hsoftmax

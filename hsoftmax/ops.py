@@ -79,7 +79,9 @@ def path_log_prob(
             "back through the copy that makes a strided one contiguous"
         )
     compiled = tree.compiled(hidden.device)
-    log_prob, _ = torch.ops.hsoftmax.path_log_prob_forward(
+    # the forward then also sums grad_hidden's basis while the path's weight rows are in cache
+    hidden_grad = torch.is_grad_enabled() and hidden.requires_grad
+    log_prob, _, _ = torch.ops.hsoftmax.path_log_prob_forward(
         hidden.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
@@ -90,6 +92,7 @@ def path_log_prob(
         target.to(torch.int64).contiguous(),
         tree.max_path_rows,
         bool(sparse_grad),
+        hidden_grad,
     )
     return log_prob
 
@@ -159,11 +162,14 @@ def _forward_fake(
     target,
     max_path_rows,
     sparse_grad=False,
+    hidden_grad=False,
 ):
     batch = hidden.shape[0]
+    acc = accumulate_dtype(hidden.dtype)
     return (
         hidden.new_empty((batch,)),
-        hidden.new_empty((batch, max_path_rows), dtype=accumulate_dtype(hidden.dtype)),
+        hidden.new_empty((batch, max_path_rows), dtype=acc),
+        hidden.new_empty(tuple(hidden.shape) if hidden_grad else (0,), dtype=acc),
     )
 
 

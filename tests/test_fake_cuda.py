@@ -205,7 +205,7 @@ def test_backward_op_on_cuda(fake):
         compiled = tree.compiled(hidden.device)
         arrays = (compiled.node_row_ptr, compiled.leaf_path_ptr, compiled.path_node)
         arrays += (compiled.path_choice,)
-        lp, coef = torch.ops.hsoftmax.path_log_prob_forward(
+        lp, coef, _ = torch.ops.hsoftmax.path_log_prob_forward(
             hidden, weight, None, *arrays, target, tree.max_path_rows
         )
         grads = torch.ops.hsoftmax.path_log_prob_backward(

@@ -161,12 +161,13 @@ def _op_args(tree, hidden, weight, bias, target):
 def test_opcheck(tree_name, bias):
     tree = get_tree(tree_name)
     hidden, weight, b, target = make_inputs(tree, 9, 8, torch.float32, "cpu", bias=bias)
-    torch.library.opcheck(
-        torch.ops.hsoftmax.path_log_prob_forward.default,
-        _op_args(tree, hidden, weight, b, target),
-    )
+    for hidden_grad in (False, True):  # with and without the hidden-gradient basis
+        torch.library.opcheck(
+            torch.ops.hsoftmax.path_log_prob_forward.default,
+            (*_op_args(tree, hidden, weight, b, target), False, hidden_grad),
+        )
     # the backward op has no autograd of its own; check its schema and fake kernel
-    lp, coef = torch.ops.hsoftmax.path_log_prob_forward(
+    lp, coef, _ = torch.ops.hsoftmax.path_log_prob_forward(
         *_op_args(tree, hidden.detach(), weight.detach(), None, target)
     )
     c = tree.compiled()
@@ -187,6 +188,48 @@ def test_opcheck(tree_name, bias):
         ),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("tree_name", ["V1", "V2", "V7-ternary", "V1000-random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_hidden_grad_basis_is_the_backward_at_unit_gradient(tree_name, dtype):
+    """The forward's third output (hidden_grad=True) is grad_hidden of sum_b log p_b, as the
+    backward op computes it from the path's weight rows; asking for it changes nothing else."""
+    tree = get_tree(tree_name)
+    hidden, weight, b, target = make_inputs(tree, 9, 8, dtype, "cpu")
+    args = _op_args(tree, hidden.detach(), weight.detach(), b.detach(), target)
+    lp, coef, basis = torch.ops.hsoftmax.path_log_prob_forward(*args, False, True)
+    lp0, coef0, empty = torch.ops.hsoftmax.path_log_prob_forward(*args)
+    assert empty.shape == (0,)
+    assert basis.shape == hidden.shape and basis.dtype == coef.dtype
+    assert torch.equal(lp, lp0) and torch.equal(coef, coef0)
+    c = tree.compiled()
+    tables = (c.node_row_ptr, c.leaf_path_ptr, c.path_node, c.path_choice)
+    want = torch.ops.hsoftmax.path_log_prob_backward(
+        torch.ones_like(lp),
+        coef,
+        hidden.detach(),
+        weight.detach(),
+        *tables,
+        target,
+        False,
+        [True, False, False],
+    )[0]
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(basis.to(dtype), want, rtol=tol, atol=tol)
+
+
+def test_hidden_gradient_same_with_and_without_the_basis():
+    """Training (hidden needs a gradient: the basis path) and create_graph (the backward op's
+    path) give the same gradients."""
+    tree = get_tree("V1000-random")
+    hidden, weight, bias, target = make_inputs(tree, 33, 12, torch.float64, "cpu")
+    loss = -path_log_prob(hidden, weight, bias, tree, target).sum()
+    fused = torch.autograd.grad(loss, (hidden, weight, bias))
+    loss = -path_log_prob(hidden, weight, bias, tree, target).sum()
+    plain = torch.autograd.grad(loss, (hidden, weight, bias), create_graph=True)
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_torch_compile_fullgraph():
@@ -453,7 +496,7 @@ def test_out_of_range_target_direct_call_never_reads_out_of_bounds(device):
         with pytest.raises(IndexError):
             torch.ops.hsoftmax.path_log_prob_forward(*args)
     else:
-        lp, _ = torch.ops.hsoftmax.path_log_prob_forward(*args)
+        lp, _, _ = torch.ops.hsoftmax.path_log_prob_forward(*args)
         assert torch.isfinite(lp[0]) and torch.isnan(lp[1])
 
 
@@ -554,7 +597,7 @@ def test_direct_op_refuses_malformed_tree_arrays(good):
     with pytest.raises(RuntimeError, match="weight rows"):
         _forward_raw(good, node_row_ptr=c.node_row_ptr * 50)
     # the backward checks its coefficient width against the paths the same way
-    _, coef = _forward_raw(good)
+    _, coef, _ = _forward_raw(good)
     with pytest.raises(RuntimeError, match="more than max_path_rows = 1"):
         torch.ops.hsoftmax.path_log_prob_backward(
             torch.ones(4),
@@ -607,7 +650,7 @@ def test_in_place_change_to_checked_tree_arrays_is_caught(good, name, value, mes
             k: getattr(c, k).clone()
             for k in ("node_row_ptr", "leaf_path_ptr", "path_node", "path_choice")
         }
-    want, coef = _forward_raw(good, **arrays)
+    want, coef, _ = _forward_raw(good, **arrays)
     want_grads = _backward_raw(good, coef, arrays)
     torch.testing.assert_close(_forward_raw(good, **arrays)[0], want, rtol=0, atol=0)
     saved = arrays[name].clone()

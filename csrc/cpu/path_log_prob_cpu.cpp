@@ -211,6 +211,7 @@ struct Args {
   acc_t* coef;  // (B, rows): forward writes it, backward reads it
   int64_t dim, rows;
   PathTree tree;
+  acc_t* basis = nullptr;  // (B, dim) or null: the forward's hidden-gradient basis
 };
 
 // Weight rows on a path are scattered over the matrix, and the forward and grad_hidden loops stall
@@ -236,6 +237,7 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
   const PathTree& tree = a.tree;
   std::vector<int64_t> path_rows(a.rows);
   std::vector<acc_t> term(a.rows);
+  ScaledRowSum<scalar_t> basis_sum(a.basis ? a.dim : 0);
   for (int64_t b = begin; b < end; ++b) {
     if (b + 1 < end) prefetch_path_rows(tree, a.target[b + 1], a.weight, a.dim);
     const scalar_t* h = a.hidden + b * a.dim;
@@ -271,6 +273,18 @@ HSM_CPU_CLONES void forward_range(const Args<scalar_t>& a, scalar_t* out, int64_
     }
     for (e = m; e < a.rows; ++e) z[e] = 0;
     out[b] = static_cast<scalar_t>(lp);
+    // 4. the hidden-gradient basis: the path's rows, still in cache, weighted by their
+    // coefficients (the backward then reads no weight row for grad_hidden)
+    if (a.basis) {
+      acc_t* u = a.basis + b * a.dim;
+      const auto row_at = [&](int64_t j) { return a.weight + path_rows[j] * a.dim; };
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        basis_sum(row_at, z, m, u);
+      } else {
+        std::fill(u, u + a.dim, acc_t(0));
+        for (e = 0; e < m; ++e) axpy<scalar_t, acc_t>(z[e], row_at(e), u, a.dim);
+      }
+    }
   }
 }
 
@@ -500,7 +514,7 @@ template <typename scalar_t>
 void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const PathTree& tree,
                     const at::Tensor& target, PathCheck& check, at::Tensor& log_prob,
-                    at::Tensor& coef) {
+                    at::Tensor& coef, at::Tensor& basis) {
   using acc_t = at::opmath_type<scalar_t>;
   const Args<scalar_t> a{hidden.data_ptr<scalar_t>(),
                          weight.data_ptr<scalar_t>(),
@@ -510,7 +524,8 @@ void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
                          coef.data_ptr<acc_t>(),
                          hidden.size(1),
                          coef.size(1),
-                         tree};
+                         tree,
+                         basis.numel() > 0 ? basis.data_ptr<acc_t>() : nullptr};
   scalar_t* out = log_prob.data_ptr<scalar_t>();
   at::parallel_for(0, hidden.size(0), kBatchGrain, [&](int64_t begin, int64_t end) {
     if (check.ok(begin, end)) forward_range(a, out, begin, end);
@@ -518,11 +533,11 @@ void forward_kernel(const at::Tensor& hidden, const at::Tensor& weight,
   check.raise_if_bad();
 }
 
-std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
     const at::Tensor& path_choice, const at::Tensor& target, int64_t max_path_rows,
-    bool /*sparse_grad: used by the autograd formula only*/) {
+    bool /*sparse_grad: used by the autograd formula only*/, bool hidden_grad) {
   check_forward_args(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
                      target, max_path_rows);
   const PathTree tree = path_tree_of(node_row_ptr, leaf_path_ptr, path_node, path_choice);
@@ -530,10 +545,12 @@ std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cpu(
   auto log_prob = at::empty({hidden.size(0)}, hidden.options());
   auto coef = at::empty({hidden.size(0), max_path_rows},
                         hidden.options().dtype(coef_dtype(hidden.scalar_type())));
+  auto basis = empty_hidden_grad_basis(hidden, hidden_grad);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_forward_cpu",
-      [&] { forward_kernel<scalar_t>(hidden, weight, bias, tree, target, check, log_prob, coef); });
-  return {log_prob, coef};
+      at::kHalf, at::kBFloat16, hidden.scalar_type(), "path_log_prob_forward_cpu", [&] {
+        forward_kernel<scalar_t>(hidden, weight, bias, tree, target, check, log_prob, coef, basis);
+      });
+  return {log_prob, coef, basis};
 }
 
 // Fills the requested gradients: grad_hidden (B, D); grad_weight / grad_bias either dense

@@ -25,15 +25,27 @@ struct StreamLaunch {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> path_log_prob_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& node_row_ptr, const at::Tensor& leaf_path_ptr, const at::Tensor& path_node,
     const at::Tensor& path_choice, const at::Tensor& target, int64_t max_path_rows,
-    bool /*sparse_grad: used by the autograd formula only*/) {
+    bool /*sparse_grad: used by the autograd formula only*/, bool hidden_grad) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  return cuda_kernels::path_log_prob_forward(StreamLaunch{c10::cuda::getCurrentCUDAStream()},
-                                             hidden, weight, bias, node_row_ptr, leaf_path_ptr,
-                                             path_node, path_choice, target, max_path_rows);
+  const StreamLaunch launch{c10::cuda::getCurrentCUDAStream()};
+  auto [log_prob, coef] =
+      cuda_kernels::path_log_prob_forward(launch, hidden, weight, bias, node_row_ptr, leaf_path_ptr,
+                                          path_node, path_choice, target, max_path_rows);
+  auto basis = empty_hidden_grad_basis(hidden, hidden_grad);
+  if (hidden_grad && hidden.size(0) > 0) {
+    // no fused basis on CUDA yet: the backward kernel's grad_hidden with grad_log_prob = 1 is
+    // u_b (the same sum the backward would do, moved here)
+    const auto ones = at::ones({hidden.size(0)}, hidden.options());
+    const auto u = std::get<0>(cuda_kernels::path_log_prob_backward(
+        launch, ones, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node, path_choice,
+        target, /*has_bias=*/false, {true, false, false}));
+    basis.copy_(u);
+  }
+  return {log_prob, coef, basis};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> path_log_prob_backward_cuda(

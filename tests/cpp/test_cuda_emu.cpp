@@ -163,14 +163,15 @@ struct EmuLaunch {
 
 Forward cpu_forward(const TestTree& t, const at::Tensor& h, const at::Tensor& w,
                     const std::optional<at::Tensor>& bias, const at::Tensor& target) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("hsoftmax::path_log_prob_forward", "")
-          .typed<Forward(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, int64_t, bool)>();
-  return op.call(h, w, bias, t.node_row_ptr, t.leaf_path_ptr, t.path_node, t.path_choice, target,
-                 t.max_path_rows, false);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("hsoftmax::path_log_prob_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, int64_t, bool, bool)>();
+  auto [lp, coef, basis] = op.call(h, w, bias, t.node_row_ptr, t.leaf_path_ptr, t.path_node,
+                                   t.path_choice, target, t.max_path_rows, false, false);
+  return {lp, coef};
 }
 
 Backward cpu_backward(const TestTree& t, const at::Tensor& g, const at::Tensor& coef,

@@ -105,10 +105,10 @@ void test_float_binary_node() {
 void test_op_through_dispatcher() {
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("hsoftmax::path_log_prob_forward", "")
-                .typed<std::tuple<at::Tensor, at::Tensor>(
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, int64_t, bool)>();
+                    const at::Tensor&, int64_t, bool, bool)>();
   // internal nodes in id order: node 3 (index 0) owns row 0, node 4 (index 1) owns row 1
   const auto node_row_ptr = at::tensor({0, 1, 2}, at::kInt);
   const auto leaf_path_ptr = at::tensor({0, 1, 3, 5}, at::kLong);
@@ -119,8 +119,8 @@ void test_op_through_dispatcher() {
   const auto bias = at::tensor({0.1, -0.2}, at::kDouble);
   for (int64_t y = 0; y < 3; ++y) {
     const auto target = at::full({2}, y, at::kLong);
-    auto [lp, coef] = op.call(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node,
-                              path_choice, target, 2, false);
+    auto [lp, coef, basis] = op.call(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node,
+                                     path_choice, target, 2, false, true);
     for (int64_t b = 0; b < 2; ++b) {
       const double h0 = hidden[b][0].item<double>(), h1 = hidden[b][1].item<double>();
       const double z_node3 = 1.0 * h0 + 2.0 * h1 + 0.1;   // row 0
@@ -128,12 +128,21 @@ void test_op_through_dispatcher() {
       double want = naive_node_logp({z_root}, y == 0 ? 0 : 1);
       if (y > 0) want += naive_node_logp({z_node3}, y == 1 ? 0 : 1);
       expect_near(lp[b].item<double>(), want, 1e-12, "path_log_prob_forward");
+      // the hidden-gradient basis: d log p / d hidden = sum over the path's nodes of
+      // (took the second child - sigmoid(z)) * the node's weight row
+      const auto sigmoid = [](double z) { return 1.0 / (1.0 + std::exp(-z)); };
+      const double c_root = (y == 0 ? 0.0 : 1.0) - sigmoid(z_root);
+      const double c_node3 = y == 0 ? 0.0 : (y == 1 ? 0.0 : 1.0) - sigmoid(z_node3);
+      expect_near(basis[b][0].item<double>(), c_root * -0.5 + c_node3 * 1.0, 1e-12,
+                  "hidden-gradient basis");
+      expect_near(basis[b][1].item<double>(), c_root * 0.75 + c_node3 * 2.0, 1e-12,
+                  "hidden-gradient basis");
     }
   }
   bool threw = false;
   try {
     op.call(hidden, weight, bias, node_row_ptr, leaf_path_ptr, path_node, path_choice,
-            at::tensor({0, 3}, at::kLong), 2, false);
+            at::tensor({0, 3}, at::kLong), 2, false, false);
   } catch (const c10::Error&) {
     threw = true;
   }
