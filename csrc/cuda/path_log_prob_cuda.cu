@@ -4,6 +4,7 @@
 //
 // Determinism: the forward and both gradients are deterministic (the weight/bias gradient is a
 // sorted, segmented sum in a fixed order, without atomics; see the .cuh).
+#include <ATen/ops/ones.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
