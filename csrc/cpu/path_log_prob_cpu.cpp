@@ -467,9 +467,10 @@ HSM_CPU_CLONES void grad_weight_groups(const Args<scalar_t>& a,
 // Relative costs of the dense weight gradient's work, which its row chunks are balanced on: an
 // entry is a row of D multiply-adds on a hidden row that sits in cache; an output row is a store
 // of D to the (V - 1, D) gradient, which does not. Measured (benchmarks/op_vs_loop.py --split,
-// V = 15,584, 2 threads, Intel Xeon): a row at 4 entries gave the weight and bias gradients
-// 0.34 ms against 0.39-0.47 ms at 0.5, where the thread holding the rows near the root (few
-// rows, most entries) finished early and waited; 2 to 10 entries per row measured alike.
+// V = 15,584, 2 threads, Intel Xeon, medians): a row at 4 entries gave the weight and bias
+// gradients 0.34-0.35 ms against 0.41-0.47 ms at 0.5, where the thread holding the rows near the
+// root (few rows, most entries) finished early and waited; 1 gave 0.39-0.40 ms, 6 and 10
+// 0.35-0.38 ms.
 constexpr int64_t kEntryCost = 1;
 constexpr int64_t kRowCost = 4;
 
