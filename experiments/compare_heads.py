@@ -61,6 +61,12 @@ CONFIGS: dict[str, list[str]] = {
         "model.history=none",
         "model.smoothing=nodes",
     ],
+    "hs-kmeans128+nodes": [
+        "model.head=hsoftmax",
+        "model.tree=kmeans",
+        "model.history=none",
+        "model.smoothing=nodes",
+    ],
     "hs-huffman+nodes": [
         "model.head=hsoftmax",
         "model.tree=huffman",
