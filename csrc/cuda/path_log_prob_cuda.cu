@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> path_log_prob_forward_cuda(
   auto basis = empty_hidden_grad_basis(hidden, hidden_grad);
   if (hidden_grad && hidden.size(0) > 0) {
     // no fused basis on CUDA yet: the backward kernel's grad_hidden with grad_log_prob = 1 is
-    // u_b (the same sum the backward would do, moved here)
+    // u_b (the same sum the backward would do, moved here; in hidden's dtype, so float16 and
+    // bfloat16 round u_b once more than the fused CPU basis does)
     const auto ones = at::ones({hidden.size(0)}, hidden.options());
     const auto u = std::get<0>(cuda_kernels::path_log_prob_backward(
         launch, ones, coef, hidden, weight, node_row_ptr, leaf_path_ptr, path_node, path_choice,
