@@ -558,18 +558,32 @@ def test_sparse_grad_refused_on_cuda_before_kernel():
 # ------------------------------------------------------------ malformed tree arrays (direct ops)
 
 
+def _tree_arrays(good) -> dict:
+    c = good["tree"].compiled()
+    return {k: getattr(c, k) for k in ("node_row_ptr", "leaf_path_ptr", "path_node", "path_choice")}
+
+
+def _backward_raw(good, coef, arrays=None):
+    """torch.ops backward call with the tree's arrays (or ``arrays``): no Python check runs."""
+    a = _tree_arrays(good) if arrays is None else arrays
+    return torch.ops.hsoftmax.path_log_prob_backward(
+        torch.ones(4),
+        coef,
+        good["hidden"].detach(),
+        good["weight"].detach(),
+        a["node_row_ptr"],
+        a["leaf_path_ptr"],
+        a["path_node"],
+        a["path_choice"],
+        good["target"],
+        False,
+        [True, True, False],
+    )
+
+
 def _forward_raw(good, **arrays):
     """torch.ops call with the tree's arrays, some replaced: no Python check runs."""
-    tree = good["tree"]
-    c = tree.compiled()
-    a = dict(
-        node_row_ptr=c.node_row_ptr,
-        leaf_path_ptr=c.leaf_path_ptr,
-        path_node=c.path_node,
-        path_choice=c.path_choice,
-        max_path_rows=tree.max_path_rows,
-    )
-    a.update(arrays)
+    a = {**_tree_arrays(good), "max_path_rows": good["tree"].max_path_rows, **arrays}
     return torch.ops.hsoftmax.path_log_prob_forward(
         good["hidden"].detach(),
         good["weight"].detach(),
@@ -599,35 +613,7 @@ def test_direct_op_refuses_malformed_tree_arrays(good):
     # the backward checks its coefficient width against the paths the same way
     _, coef, _ = _forward_raw(good)
     with pytest.raises(RuntimeError, match="more than max_path_rows = 1"):
-        torch.ops.hsoftmax.path_log_prob_backward(
-            torch.ones(4),
-            coef[:, :1].contiguous(),
-            good["hidden"].detach(),
-            good["weight"].detach(),
-            c.node_row_ptr,
-            c.leaf_path_ptr,
-            c.path_node,
-            c.path_choice,
-            good["target"],
-            False,
-            [True, True, False],
-        )
-
-
-def _backward_raw(good, coef, arrays):
-    return torch.ops.hsoftmax.path_log_prob_backward(
-        torch.ones(4),
-        coef,
-        good["hidden"].detach(),
-        good["weight"].detach(),
-        arrays["node_row_ptr"],
-        arrays["leaf_path_ptr"],
-        arrays["path_node"],
-        arrays["path_choice"],
-        good["target"],
-        False,
-        [True, True, False],
-    )
+        _backward_raw(good, coef[:, :1].contiguous())
 
 
 @pytest.mark.parametrize(
@@ -644,12 +630,8 @@ def test_in_place_change_to_checked_tree_arrays_is_caught(good, name, value, mes
     """After a first call has checked every leaf path of a tree's arrays, the kernels check only
     the targets' range; an in-place change to an array (a new version) brings the path check
     back. Inference tensors (no version counter) are checked on every call."""
-    c = good["tree"].compiled()
     with torch.inference_mode(inference):
-        arrays = {
-            k: getattr(c, k).clone()
-            for k in ("node_row_ptr", "leaf_path_ptr", "path_node", "path_choice")
-        }
+        arrays = {k: t.clone() for k, t in _tree_arrays(good).items()}
     want, coef, _ = _forward_raw(good, **arrays)
     want_grads = _backward_raw(good, coef, arrays)
     torch.testing.assert_close(_forward_raw(good, **arrays)[0], want, rtol=0, atol=0)
