@@ -138,6 +138,11 @@ class MobilityDataset(Dataset):
     def __len__(self) -> int:
         return len(self._y)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) history length of each sample as ``dataset[i]`` gives it (after ``max_len``)."""
+        return self._end - self._start
+
     def __getitem__(self, i: int) -> dict:
         a, b = self._start[i], self._end[i]
         return {

@@ -94,6 +94,9 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N
     num_threads: int | None = None  # torch.set_num_threads (null: torch's default)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, demos)
+    # length bucketing: sort each pool of that many random batches by history length before
+    # cutting it into batches, so the encoder pads little (0: plain random batches)
+    bucket_batches: int = 32
     val_metrics: bool = True  # also compute Acc@k/MRR on validation every epoch
     param_budget: int = 3_000_000  # refuse a larger model ...
     allow_over_budget: bool = False  # ... unless this is true
@@ -313,6 +316,7 @@ _RANGES = (
     ),
     *((f"train.{k}", _positive, "a positive int or null") for k in ("num_threads", "param_budget")),
     ("train.max_steps_per_epoch", _positive, "a positive int or null"),
+    ("train.bucket_batches", lambda x: x >= 0, "an int >= 0 (0: off)"),
     ("train.lr", lambda x: x > 0, "a positive number"),
     ("train.weight_decay", lambda x: x >= 0, "a number >= 0"),
     ("train.min_lr", lambda x: x >= 0, "a number >= 0"),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from hsoftmax.data import MobilityData, MobilityDataset, collate
 from hsoftmax.data.samples import save_id_maps
@@ -70,16 +71,45 @@ class RunResult:
     params: dict
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-    """Index batches of one training epoch for this rank (see the module docstring)."""
+def epoch_batches(
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    lengths=None,
+    bucket: int = 0,
+):
+    """Index batches of one training epoch for this rank (see the module docstring).
+
+    The epoch's permutation is cut into global batches of ``batch_size`` samples (rounded down
+    to a multiple of ``world``) and each rank takes every ``world``-th sample of each, so the
+    ranks' batches together are the single-process batches. With ``bucket`` > 0 and the
+    samples' history ``lengths``, the permutation is first cut into pools of ``bucket`` global
+    batches, each pool is sorted by length (stably, so equal lengths keep their random order)
+    and cut into batches, and the order of the epoch's batches is shuffled: a batch then holds
+    histories of about one length, so the encoder pads little, while every batch is still
+    drawn from a random pool (length bucketing)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
     total = math.ceil(n / world) * world
     if total > n:  # pad as DistributedSampler does, so every rank has as many samples
         perm = torch.cat([perm, perm[: total - n]])
-    mine = perm[rank::world]
-    per_rank = batch_size // world
-    return [mine[i : i + per_rank].tolist() for i in range(0, len(mine), per_rank)]
+    size = batch_size // world * world
+    if bucket > 0:
+        if lengths is None:
+            raise ValueError("length bucketing needs the samples' lengths")
+        lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.long)
+        if lengths.shape != (n,):
+            raise ValueError(f"lengths must have shape ({n},), got {tuple(lengths.shape)}")
+        pools = perm.split(bucket * size)
+        pools = [p[torch.sort(lengths[p], stable=True).indices] for p in pools]
+        batches = [b for p in pools for b in p.split(size)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    else:
+        batches = perm.split(size)
+    return [b[rank::world].tolist() for b in batches if len(b) > rank]
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: dict) -> torch.optim.Optimizer:
@@ -254,13 +284,20 @@ def train(
     return RunResult(run_dir=run_dir, history=state.history, test=test, params=params)
 
 
+def _recorded_defaults(path: Path) -> list[str]:
+    """Overrides that keep a run recorded before a key existed on that key's old behaviour:
+    ``train.bucket_batches`` (length bucketing, now on by default) was off."""
+    recorded = yaml.safe_load(path.read_text()) or {}
+    return [] if "bucket_batches" in recorded.get("train", {}) else ["train.bucket_batches=0"]
+
+
 def _start(cfg, resume, overrides) -> tuple[dict, dict | None]:
     """The run's config, and its checkpoint when resuming."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CKPT).is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: it holds no {CKPT}")
-        recorded = load_config(run_dir / "config.yaml")
+        recorded = load_config(run_dir / "config.yaml", _recorded_defaults(run_dir / "config.yaml"))
         if cfg is None:
             cfg = resume_config(recorded, overrides)
         else:
@@ -371,7 +408,16 @@ def _train_epoch(net, model, state, train_set, epoch, device, tcfg, progress, cu
 
     rank, world = distributed.dist_info()
     model.train()
-    batches = epoch_batches(len(train_set), tcfg["batch_size"], tcfg["seed"], epoch, rank, world)
+    batches = epoch_batches(
+        len(train_set),
+        tcfg["batch_size"],
+        tcfg["seed"],
+        epoch,
+        rank,
+        world,
+        lengths=train_set.lengths if tcfg["bucket_batches"] else None,
+        bucket=int(tcfg["bucket_batches"]),
+    )
     if tcfg["max_steps_per_epoch"]:
         batches = batches[: int(tcfg["max_steps_per_epoch"])]
     bar = tqdm(
