@@ -693,3 +693,50 @@ def test_position_loss_without_any_two_stay_window_is_zero():
 def test_position_loss_weight_is_checked(bad):
     with pytest.raises(ValueError, match="position_loss"):
         make(position_loss=bad)
+
+
+def _window_brute(loc, valid, logits):
+    """Per row in plain Python: p_hist(l) = sum of softmax(logits over valid positions) at l."""
+    first = torch.zeros_like(valid)
+    score = torch.zeros_like(logits)
+    log_p = torch.full_like(logits, -math.inf)
+    for b in range(loc.shape[0]):
+        js = [j for j in range(loc.shape[1]) if valid[b, j]]
+        if not js:
+            continue
+        log_z = torch.logsumexp(logits[b, js], 0)
+        for j in js:
+            same = [i for i in js if loc[b, i] == loc[b, j]]
+            first[b, j] = same[0] == j
+            score[b, j] = torch.logsumexp(logits[b, same], 0)
+            log_p[b, j] = score[b, j] - log_z
+    return first, score, log_p
+
+
+def test_pointer_window_sums_each_location_against_brute_force():
+    from hsoftmax.models.history import _window_from_position_logits
+
+    g = torch.Generator().manual_seed(3)
+    for vocab in (3, 8, 1000):  # many repeats .. none
+        loc = torch.randint(0, vocab, (9, 13), generator=g)
+        valid = torch.rand(9, 13, generator=g) < 0.7
+        valid[0] = False  # a row without any entry
+        valid[1] = True
+        loc[2] = 5  # one location throughout
+        logits = torch.randn(9, 13, dtype=torch.float64, generator=g).round(decimals=1)  # ties
+        logits[3, :4] = -1e4  # far below the rest
+        window = _window_from_position_logits(loc, valid, logits)
+        first, score, log_p = _window_brute(loc, valid, logits)
+        assert torch.equal(window.first, first)
+        torch.testing.assert_close(window.score, score, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(window.log_p, log_p, rtol=1e-12, atol=1e-12)
+        x = logits.clone().requires_grad_()
+
+        def score_and_log_p(t, loc=loc, valid=valid):
+            w = _window_from_position_logits(loc, valid, t)
+            return torch.where(valid, w.score, 0.0), torch.where(valid, w.log_p, 0.0)
+
+        torch.autograd.gradcheck(score_and_log_p, (x,))
+        out = _window_from_position_logits(loc, valid, x)
+        torch.where(valid, out.log_p, 0.0).sum().backward()
+        assert torch.isfinite(x.grad).all() and (x.grad[~valid] == 0).all()

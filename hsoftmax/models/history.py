@@ -152,12 +152,35 @@ class HistoryScorer(nn.Module):
 
 def _window_from_position_logits(loc, valid, logits) -> Window:
     """A :class:`Window` whose ``p_hist`` is the softmax over positions of ``logits`` (B, L),
-    summed over the positions of each location (``score`` = the log of that unnormalised sum)."""
-    same = (loc[:, :, None] == loc[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    earlier = torch.ones_like(same).tril(-1)  # [j, j'] = j' < j
-    first = valid & ~(same & earlier).any(-1)
+    summed over the positions of each location (``score`` = the log of that unnormalised sum).
+
+    The per-location sums take O(L log L) per row: each row's entries are sorted by location
+    (stably, padding last), so a location's entries are one run; a run's log-sum-exp is
+    scattered from the run's entries and gathered back to each of them."""
+    batch, length = loc.shape
+    key = torch.where(valid, loc, torch.iinfo(loc.dtype).max)  # padding sorts after every id
+    sorted_key, order = torch.sort(key, dim=1, stable=True)
+    starts = torch.ones_like(valid)
+    starts[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    run = starts.cumsum(1) - 1  # (B, L): the run (distinct location) of each sorted entry
+    ok_sorted = valid.gather(1, order)
+    x = logits.gather(1, order)
+    peak = torch.where(ok_sorted, x, _NEG_INF).detach()
+    peak = peak.new_full((batch, length), _NEG_INF).scatter_reduce(1, run, peak, "amax")
+    peak = peak.gather(1, run)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    shifted = torch.where(ok_sorted, x - peak, torch.zeros_like(x))  # 0 outside: exp finite
+    terms = torch.where(ok_sorted, shifted.exp(), torch.zeros_like(x))
+    total = torch.zeros_like(x).scatter_add(1, run, terms).gather(1, run)
+    some = ok_sorted & (total > 0)
+    per_loc_sorted = torch.where(
+        some, torch.log(torch.where(some, total, torch.ones_like(total))) + peak, _NEG_INF
+    )
+    positions = torch.arange(length, device=loc.device).expand(batch, length)
+    unsort = torch.empty_like(order).scatter_(1, order, positions)
+    per_loc = per_loc_sorted.gather(1, unsort)
+    first = (starts & ok_sorted).gather(1, unsort)  # a stable sort keeps the earliest first
     log_z = masked_logsumexp(logits, valid, dim=1)[:, None]
-    per_loc = masked_logsumexp(logits[:, None, :].expand_as(same), same, dim=2)
     ok = valid & torch.isfinite(log_z)
     log_p = torch.where(ok, per_loc - torch.where(ok, log_z, 0.0), _NEG_INF)
     score = torch.where(valid, per_loc, torch.zeros_like(per_loc))
