@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hsoftmax import Tree, trees
+from hsoftmax.nn import HierarchicalSoftmax
 from hsoftmax.ops import path_log_prob
 
 from conftest import random_tree
@@ -557,3 +558,68 @@ def test_cli_errors_name_the_file(inputs, argv, message, capsys):
     )
     assert main(["tree", *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def _ancestors(tree, leaf):
+    """The internal nodes above ``leaf``, as the set of the leaves below each (ids change)."""
+    parents = np.asarray(tree.parents)
+    below = {}
+    for leaf_id in range(tree.num_leaves):
+        node = parents[leaf_id]
+        while node >= 0:
+            below.setdefault(int(node), set()).add(leaf_id)
+            node = parents[node]
+    out, node = [], parents[leaf]
+    while node >= 0:
+        out.append(frozenset(below[int(node)]))
+        node = parents[node]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 60), st.integers(0, 10**6), st.integers(2, 5), st.data())
+def test_lift_frequent_moves_the_top_leaves_to_the_root(v, seed, max_children, data):
+    tree = random_tree(v, seed, max_children)
+    counts = np.random.default_rng(seed).integers(0, 5, v)  # many ties: lower id first
+    n = data.draw(st.integers(0, v))
+    lifted = trees.lift_frequent(tree, counts, n)
+    assert lifted.num_leaves == v
+    top = sorted(range(v), key=lambda i: (-counts[i], i))[:n]
+    root = int(np.flatnonzero(np.asarray(lifted.parents) == -1)[0])
+    assert all(int(lifted.parents[i]) == root for i in top)
+    # every other leaf keeps its ancestors, less those now holding the same leaves as a child
+    # of theirs (spliced) or none; an ancestor's leaf set loses exactly the lifted leaves
+    gone = set(top)
+    for leaf in set(range(v)) - gone:
+        old = [s - gone for s in _ancestors(tree, leaf)]
+        new = _ancestors(lifted, leaf)
+        assert new[-1] == frozenset(range(v))  # the root holds every leaf
+        assert {s - gone for s in new} <= set(old)
+        assert len(new) <= len(old)
+    assert trees.lift_frequent(tree, counts, 0) is tree
+    if n == v:  # all at the root: one flat softmax
+        assert lifted.num_nodes == v + 1
+
+
+def test_lift_frequent_keeps_the_head_a_distribution():
+    tree = random_tree(40, 3, 4)
+    lifted = trees.lift_frequent(tree, np.arange(40)[::-1], 7)
+    head = HierarchicalSoftmax(5, lifted, dtype=torch.float64)
+    torch.nn.init.normal_(head.weight)
+    hidden = torch.randn(6, 5, dtype=torch.float64)
+    total = head.log_prob_all(hidden).exp().sum(1)
+    torch.testing.assert_close(total, torch.ones(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("counts", "n", "error", "message"),
+    [
+        (np.ones(9), 3, ValueError, r"counts must have one entry per leaf \(10\)"),
+        (np.ones(10), 11, ValueError, r"n must be at most the number of leaves \(10\)"),
+        (np.ones(10), -1, ValueError, "n must be"),
+        (-np.ones(10), 2, ValueError, "counts must be finite and >= 0"),
+    ],
+)
+def test_lift_frequent_bad_input(counts, n, error, message):
+    with pytest.raises(error, match=message):
+        trees.lift_frequent(Tree.balanced(10, 2), counts, n)

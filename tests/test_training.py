@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -347,3 +348,17 @@ def test_a_run_recorded_before_length_bucketing_resumes_without_it(cache_dir, tm
     del recorded["train"]["bucket_batches"]  # as the runs written before the key existed
     (run / "config.yaml").write_text(yaml.safe_dump(recorded))
     assert _start(None, run, ["train.epochs=2"])[0]["train"]["bucket_batches"] == 0
+
+
+def test_tree_frequent_lifts_the_most_frequent_targets_to_the_root(cache_dir, tmp_path):
+    data = load_preset("small", seed=0, cache_dir=cache_dir)
+    cfg = small_config(cache_dir, tmp_path, "model.tree_frequent=5")
+    tree = build_model(cfg["model"], data).head.tree
+    counts = np.bincount(np.asarray(data.train.y), minlength=data.n_locations)
+    top = np.argsort(-counts, kind="stable")[:5]
+    parents = np.asarray(tree.parents)
+    assert (parents[top] == np.flatnonzero(parents == -1)[0]).all()
+    plain = build_model({**cfg["model"], "tree_frequent": 0}, data).head.tree
+    assert (np.asarray(plain.parents)[top] != np.flatnonzero(parents == -1)[0]).any()
+    with pytest.raises(ConfigError, match="model.tree_frequent must be an int >= 0"):
+        load_config("demo", ["model.tree_frequent=-1"])

@@ -45,6 +45,9 @@ MODEL_DEFAULTS: dict = {
     "tree_arity": 2,  # balanced and huffman trees
     "tree_branching": 128,  # kmeans tree: int, list of ints, or "binary"
     "tree_seed": 0,
+    # the N most frequent training targets become direct children of the tree's root, so every
+    # example trains them, as in an adaptive softmax's head (hsoftmax.trees.lift_frequent; 0: none)
+    "tree_frequent": 0,
     "history": "mixture",  # none | mixture | logit_add (dense head only)
     # label smoothing over all classes ("leaves", exact, O(V) per example) or of each tree
     # decision towards uniform over its children ("nodes", O(path); history none or mixture,
@@ -152,7 +155,8 @@ def _target_counts(data) -> np.ndarray:
 
 def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
     """The output head named by ``cfg["head"]`` with ``in_features = cfg["d_model"]``; with
-    ``cfg["prior_init"]`` its bias starts at the unigram prior of ``data.train``'s targets."""
+    ``cfg["prior_init"]`` its bias starts at the unigram prior of ``data.train``'s targets. A
+    tree built here (``tree`` None) gets ``cfg["tree_frequent"]`` leaves lifted to its root."""
     d, v = int(cfg["d_model"]), data.n_locations
     if cfg["head"] == "dense":
         head = DenseSoftmax(d, v)
@@ -161,6 +165,8 @@ def build_head(cfg: dict, data, tree: Tree | None = None) -> nn.Module:
             tree = build_tree(
                 cfg["tree"], data, cfg["tree_arity"], cfg["tree_branching"], cfg["tree_seed"]
             )
+            if cfg.get("tree_frequent", 0):
+                tree = trees.lift_frequent(tree, _target_counts(data), int(cfg["tree_frequent"]))
         head = HierarchicalSoftmax(d, tree, sparse_grad=bool(cfg.get("sparse", False)))
     else:
         raise ValueError(f"model.head must be one of {HEADS}, got {cfg['head']!r}")

@@ -306,6 +306,7 @@ _RANGES = (
     ("model.history", lambda x: x in HISTORY_KINDS, f"one of {HISTORY_KINDS}"),
     ("model.smoothing", lambda x: x in SMOOTHING_MODES, "'leaves' or 'nodes'"),
     ("model.user_memory", lambda x: x >= 0, "an int >= 0 (0: no user memory)"),
+    ("model.tree_frequent", lambda x: x >= 0, "an int >= 0 (0: none)"),
     ("model.position_loss", lambda x: 0 <= x < math.inf, "a finite number >= 0 (0: none)"),
     ("data.max_len", _positive, "a positive int or null"),
     ("data.previous_day", _positive, "a positive int or null"),

@@ -16,6 +16,7 @@ child except the first (whose logit is fixed at 0), so an example for leaf ``y``
 
 from hsoftmax.trees._checks import latlon_to_km
 from hsoftmax.trees.cooccurrence import from_cooccurrence, spectral_embedding
+from hsoftmax.trees.frequent import lift_frequent
 from hsoftmax.trees.huffman import huffman
 from hsoftmax.trees.kmeans import from_features
 from hsoftmax.trees.retree import bias_from_log_prob, retree_weights
@@ -27,6 +28,7 @@ __all__ = [
     "from_features",
     "huffman",
     "latlon_to_km",
+    "lift_frequent",
     "retree_weights",
     "spectral_embedding",
     "tree_stats",
