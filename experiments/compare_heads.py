@@ -119,12 +119,10 @@ CONFIGS: dict[str, list[str]] = {
 }
 # ... each also trained on the next-stay loss at every history position (the window's own
 # language-model loss through the head: ~L head targets per encoder pass)
-# ... the bare tree head with its N most frequent classes at the root (an adaptive-softmax head)
-for _n in (1000, 2000):
-    CONFIGS[f"hs-kmeans128+nodes+frequent{_n}"] = [
-        *CONFIGS["hs-kmeans128+nodes"],
-        f"model.tree_frequent={_n}",
-    ]
+# ... the tree heads with their N most frequent classes at the root (an adaptive-softmax head)
+for _name in ("hs-kmeans128+nodes", "hs-kmeans128+mixture+nodes+memory+context"):
+    for _n in (1000, 2000):
+        CONFIGS[f"{_name}+frequent{_n}"] = [*CONFIGS[_name], f"model.tree_frequent={_n}"]
 for _name in ("dense", "hs-kmeans128", "dense+mixture+memory+context",
               "hs-kmeans128+mixture+nodes+memory+context"):  # fmt: skip
     CONFIGS[f"{_name}+positions"] = [*CONFIGS[_name], "model.position_loss=1.0"]

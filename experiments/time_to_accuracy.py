@@ -212,13 +212,15 @@ def table(results: list[dict], target: float, dense_name: str) -> str:
 
 
 def dense_counterpart(name: str) -> str | None:
-    """The dense configuration with a tree configuration's history and levers: the tree and its
-    node smoothing dropped (``hs-kmeans128+mixture+nodes+memory`` -> ``dense+mixture+memory``,
-    ``hs-kmeans128`` -> ``dense``); None for a dense configuration."""
+    """The dense configuration with a tree configuration's history and levers: the tree and what
+    only a tree has (node smoothing, frequent classes at the root) dropped
+    (``hs-kmeans128+mixture+nodes+memory`` -> ``dense+mixture+memory``, ``hs-kmeans128`` ->
+    ``dense``, ``hs-kmeans128+nodes+frequent1000`` -> ``dense``); None for a dense one."""
     head, *rest = name.split("+")
     if not head.startswith("hs-"):
         return None
-    return "+".join(["dense", *(p for p in rest if p != "nodes")])
+    tree_only = [p for p in rest if p == "nodes" or p.startswith("frequent")]
+    return "+".join(["dense", *(p for p in rest if p not in tree_only)])
 
 
 def pairs_table(results: list[dict]) -> str:

@@ -73,6 +73,7 @@ def test_each_tree_configuration_is_paired_with_the_dense_one_of_the_same_histor
         "dense+mixture+memory+context"
     )
     assert tta.dense_counterpart("hs-kmeans128") == "dense"
+    assert tta.dense_counterpart("hs-kmeans128+nodes+frequent1000") == "dense"
     assert tta.dense_counterpart("hs-binary+mixture+prior") == "dense+mixture+prior"
     assert tta.dense_counterpart("dense+mixture") is None
 
