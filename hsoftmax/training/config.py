@@ -26,6 +26,7 @@ from hsoftmax.models import HEADS, HISTORY_KINDS, MODEL_DEFAULTS, TREES
 from hsoftmax.nn import SMOOTHING_MODES
 
 __all__ = [
+    "ADDED_KEYS",
     "DEFAULTS",
     "PACKAGED_CONFIGS",
     "RESUMABLE_KEYS",
@@ -150,6 +151,14 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+# Keys added after runs were recorded, with the value that matches how those runs trained: a
+# recorded config without the key (``load_config(..., recorded=True)``) gets this value, not the
+# new default, so the run resumes as it started.
+ADDED_KEYS: dict[str, Any] = {
+    "train.bucket_batches": 0,  # length bucketing: off before the key existed
+}
+
+
 class ConfigError(ValueError):
     """A bad config: unknown key, wrong type or range, unparseable override."""
 
@@ -215,8 +224,13 @@ def _structured(cfg: dict) -> DictConfig:
     return _merge(OmegaConf.structured(Config), cfg, "config")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults <- YAML file (a path, or a packaged name like ``"demo"``) <- overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, recorded: bool = False
+) -> dict:
+    """Defaults <- YAML file (a path, or a packaged name like ``"demo"``) <- overrides.
+
+    ``recorded``: the file is a run's own ``config.yaml``; keys of :data:`ADDED_KEYS` it lacks
+    take their old values instead of the defaults."""
     conf = OmegaConf.structured(Config)
     if path is not None:
         p = Path(path)
@@ -230,6 +244,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not a readable YAML config ({e})") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{p}: a config must be a mapping, got {type(loaded).__name__}")
+        if recorded:
+            for key, old in ADDED_KEYS.items():
+                if OmegaConf.select(loaded, key, default="<missing>") == "<missing>":
+                    OmegaConf.update(loaded, key, old, force_add=True)
         conf = _merge(conf, loaded, str(p))
     cfg = apply_overrides(conf, overrides)
     _validate(cfg)

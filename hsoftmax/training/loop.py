@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from hsoftmax.data import MobilityData, MobilityDataset, collate
 from hsoftmax.data.samples import save_id_maps
@@ -284,20 +283,13 @@ def train(
     return RunResult(run_dir=run_dir, history=state.history, test=test, params=params)
 
 
-def _recorded_defaults(path: Path) -> list[str]:
-    """Overrides that keep a run recorded before a key existed on that key's old behaviour:
-    ``train.bucket_batches`` (length bucketing, now on by default) was off."""
-    recorded = yaml.safe_load(path.read_text()) or {}
-    return [] if "bucket_batches" in recorded.get("train", {}) else ["train.bucket_batches=0"]
-
-
 def _start(cfg, resume, overrides) -> tuple[dict, dict | None]:
     """The run's config, and its checkpoint when resuming."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / CKPT).is_file():
             raise FileNotFoundError(f"cannot resume {run_dir}: it holds no {CKPT}")
-        recorded = load_config(run_dir / "config.yaml", _recorded_defaults(run_dir / "config.yaml"))
+        recorded = load_config(run_dir / "config.yaml", recorded=True)
         if cfg is None:
             cfg = resume_config(recorded, overrides)
         else:
