@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from hsoftmax.models.layers import EncoderLayer, encode_packed, self_attention
+from hsoftmax.models.layers import (
+    EncoderLayer,
+    encode_packed,
+    scaled_masked_softmax,
+    self_attention,
+)
 from hsoftmax.nn import Dropout, dropout
 
 
@@ -106,6 +111,48 @@ def _masks(batch=5, length=9):
     pad = torch.arange(length)[None, :] >= lengths[:, None]
     causal = torch.triu(torch.full((length, length), -math.inf), 1)
     return causal, pad
+
+
+def _softmax_case(dtype, mask_kind):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 2, 6, 6, generator=g, dtype=dtype) * 4
+    causal, pad = _masks(batch=3, length=6)
+    pad = torch.zeros(pad.shape, dtype=dtype).masked_fill(pad, -math.inf)[:, None, None, :]
+    mask = {"none": None, "causal": causal.to(dtype), "pad": pad, "both": causal.to(dtype) + pad}
+    return scores, mask[mask_kind]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "pad", "both"])
+@pytest.mark.parametrize("scale", [1.0, 0.27])
+def test_scaled_masked_softmax_matches_torch_softmax(mask_kind, scale):
+    scores, mask = _softmax_case(torch.float32, mask_kind)
+    x = scores.clone().requires_grad_()
+    ref = scores.clone().requires_grad_()
+    got = scaled_masked_softmax(x, scale, mask)
+    want = torch.softmax(ref * scale + (0 if mask is None else mask), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got == 0, want == 0)  # masked entries are exactly 0
+    grad = torch.randn(got.shape)
+    got.backward(grad)
+    want.backward(grad)
+    assert torch.allclose(x.grad, ref.grad, atol=1e-6)
+    assert torch.equal(scores, x.detach())  # the input is not written in place
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "both"])
+def test_scaled_masked_softmax_gradcheck(mask_kind):
+    scores, mask = _softmax_case(torch.float64, mask_kind)
+    assert torch.autograd.gradcheck(
+        lambda s: scaled_masked_softmax(s, 0.4, mask), (scores.requires_grad_(),)
+    )
+
+
+def test_scaled_masked_softmax_other_dtypes_take_torch_softmax():
+    scores, mask = _softmax_case(torch.float32, "both")
+    got = scaled_masked_softmax(scores.bfloat16(), 0.5, mask.bfloat16())
+    want = torch.softmax(scores.bfloat16() * 0.5 + mask.bfloat16(), dim=-1)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("bool_masks", [False, True])

@@ -626,6 +626,26 @@ def test_user_memory_context_features_leave_the_training_target_out():
     )
 
 
+def test_user_memory_context_features_against_loops():
+    """Each entry's (in the context, on its weekday, in its slot) counts, by plain loops over
+    random tables, users and contexts."""
+    g = torch.Generator().manual_seed(3)
+    n_users, size = 4, 5
+    ctx = torch.randint(0, 4, (n_users, size, 7, 12), generator=g).float()
+    loc = torch.randint(0, 20, (n_users, size), generator=g)
+    memory = UserMemory(loc, torch.ones(n_users, size), d_model=4, emb_dim=3, context_count=ctx)
+    user = torch.randint(0, n_users, (9,), generator=g)
+    context = torch.randint(0, 84, (9,), generator=g)
+    got = memory._context_features(user, context, hit=None)
+    want = torch.empty(9, size, 3)
+    for b in range(9):
+        day, slot = divmod(int(context[b]), 12)
+        for n in range(size):
+            table = ctx[user[b], n]
+            want[b, n] = torch.stack([table[day, slot], table[day].sum(), table[:, slot].sum()])
+    torch.testing.assert_close(got, torch.log1p(want))
+
+
 def test_user_memory_needs_the_mixture():
     with pytest.raises(ValueError, match="user memory extends the pointer: it needs history 'mix"):
         make("dense", "kmeans", "none", user_memory=4)

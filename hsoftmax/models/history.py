@@ -348,16 +348,13 @@ class UserMemory(nn.Module):
 
     def _context_features(self, user, context, hit) -> torch.Tensor:
         """(B, N, 3): log1p of the entry's counts in the context, on its weekday, in its slot."""
-        counts = self.context_count[user]  # (B, N, 7, 12)
-        rows = torch.arange(len(user), device=user.device)
         weekday, slot = context // _CONTEXT_SHAPE[1], context % _CONTEXT_SHAPE[1]
+        # only the example's weekday row and slot column of each entry's (7, 12) table are read
+        on_weekday = self.context_count[user, :, weekday]  # (B, N, 12)
+        in_slot = self.context_count[user, :, :, slot]  # (B, N, 7)
+        at_slot = slot[:, None, None].expand(-1, on_weekday.shape[1], 1)
         feats = torch.stack(
-            [
-                counts[rows, :, weekday, slot],
-                counts.sum(3)[rows, :, weekday],
-                counts.sum(2)[rows, :, slot],
-            ],
-            dim=-1,
+            [on_weekday.gather(2, at_slot)[..., 0], on_weekday.sum(2), in_slot.sum(2)], dim=-1
         )
         if hit is not None:  # the example's own visit is in all three of its context's counts
             feats = feats - hit[:, :, None]

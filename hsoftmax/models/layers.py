@@ -19,7 +19,7 @@ from torch import nn
 
 from hsoftmax.nn import Dropout, dropout
 
-__all__ = ["EncoderLayer", "encode_packed"]
+__all__ = ["EncoderLayer", "encode_packed", "scaled_masked_softmax"]
 
 
 class EncoderLayer(nn.TransformerEncoderLayer):
@@ -106,12 +106,51 @@ def _attend(qkv, heads, attn_mask, key_padding_mask, p):
     projection, with :func:`dropout` on the attention weights."""
     batch, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     q, k, v = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    scores = torch.matmul(q * (dim // heads) ** -0.5, k.transpose(-1, -2))  # (B, H, L, L)
-    attn_mask = _additive(attn_mask, scores.dtype)
-    if attn_mask is not None:
-        scores = scores + attn_mask
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L), unscaled
+    mask = _additive(attn_mask, scores.dtype)
     key_padding_mask = _additive(key_padding_mask, scores.dtype)
     if key_padding_mask is not None:
-        scores = scores + key_padding_mask[:, None, None, :]
-    weights = dropout(torch.softmax(scores, dim=-1), p, True)
+        pad = key_padding_mask[:, None, None, :]
+        mask = pad if mask is None else mask + pad  # (B, 1, L, L): one add, not one per head
+    weights = dropout(scaled_masked_softmax(scores, (dim // heads) ** -0.5, mask), p, True)
     return torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, dim)
+
+
+def scaled_masked_softmax(
+    scores: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.softmax(scores * scale + mask, dim=-1)`` (``mask``: additive, broadcastable to
+    ``scores``, no gradient), as one autograd node.
+
+    For the attention's short rows (the last dim is the history length, ~10) ``torch.softmax`` on
+    CPU is several times slower than these few vectorised passes (torch 2.13: 5.8 against 1.0 ms
+    forward on (256, 8, 13, 13) float32, one thread); the backward is ``y * (g - sum(g * y))``.
+    Rows that are masked everywhere give NaN, as ``torch.softmax`` does. Other dtypes than float32
+    and float64 take ``torch.softmax``."""
+    if scores.dtype not in (torch.float32, torch.float64):
+        x = scores * scale
+        return torch.softmax(x if mask is None else x + mask, dim=-1)
+    return _ScaledMaskedSoftmax.apply(scores, scale, mask)
+
+
+class _ScaledMaskedSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, scale, mask):
+        y = scores * scale
+        if mask is not None:
+            y = y.add_(mask) if mask.shape == y.shape else y + mask
+        y = y.sub_(y.amax(-1, keepdim=True)).exp_()
+        y = y.div_(y.sum(-1, keepdim=True))
+        ctx.save_for_backward(y)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        gy = grad * y
+        grad_scores = gy.sub_(y * gy.sum(-1, keepdim=True))
+        if ctx.scale != 1.0:
+            grad_scores = grad_scores.mul_(ctx.scale)
+        return grad_scores, None, None
