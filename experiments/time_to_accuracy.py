@@ -186,18 +186,16 @@ def table(results: list[dict], target: float, dense_name: str) -> str:
 
     for name in dict.fromkeys(r["config"] for r in results):
         rows = [r for r in results if r["config"] == name]
-        # reached by every seed, or the target is reported as not reached
+        # the mean over the seeds that reached the target, with their number if not all did
         secs, nums, k = _reach(rows, target)
-        if k < len(rows):
-            secs = nums = None
-        miss = f"not reached ({len(rows) - k}/{len(rows)} seeds)"
+        some = "" if k == len(rows) else f" ({k}/{len(rows)} seeds)"
         cells = [
             name,
             str(len(rows)),
             "/".join(str(r["epochs"]) for r in rows),
             f"{statistics.mean(r['samples_per_second'] for r in rows):.0f}",
-            fmt(secs, ".0f") if secs is not None else miss,
-            fmt(nums, ",.0f"),
+            "not reached" if secs is None else f"{secs:.0f}{some}",
+            "–" if nums is None else f"{nums:,.0f}{some}",
             fmt(secs / dense_s if secs is not None and dense_s else None, ".2f"),
             fmt(nums / dense_n if nums is not None and dense_n else None, ".2f"),
             fmt(_half(rows, dense_s), ".2f"),

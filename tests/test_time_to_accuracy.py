@@ -59,13 +59,17 @@ def test_table_reports_ratios_and_an_unreached_target():
 
     results = [run("dense", [0, 10, 40], 41.0), run("hs-binary", [0, 40], 42.0)]
     results.append(run("hs-huffman", [0, 5], 30.0))
+    results += [run("hs-kmeans", [0, 5, 5, 40], 40.0), run("hs-kmeans", [0, 5], 40.0)]
     text = tta.table(results, 39.9, "dense")
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:]}
     assert rows["dense"][4:8] == ["5", "2,000", "1.00", "1.00"]
     assert rows["hs-binary"][4:8] == ["2", "1,000", "0.50", "0.50"]
-    assert rows["hs-huffman"][4].startswith("not reached (1/1 seeds)")
+    assert rows["hs-huffman"][4:8] == ["not reached", "–", "–", "–"]
+    # one of two seeds reached it (at 7.5 s, 3,000 samples): its figures, marked as such
+    assert rows["hs-kmeans"][4:8] == ["8 (1/2 seeds)", "3,000 (1/2 seeds)", "1.50", "1.50"]
     # by half of dense's 5 s: the points at 0 and 2.5 s
     assert [rows[k][8] for k in ("dense", "hs-binary", "hs-huffman")] == ["10.00", "40.00", "5.00"]
+    assert rows["hs-kmeans"][8] == "5.00"
 
 
 def test_each_tree_configuration_is_paired_with_the_dense_one_of_the_same_history():
