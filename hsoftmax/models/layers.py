@@ -73,9 +73,9 @@ def encode_packed(
     batch, length, dim = x.shape
     index = valid.reshape(-1).nonzero().squeeze(1)
     tokens = x.reshape(batch * length, dim).index_select(0, index)
-    pad = _additive(~valid, x.dtype)  # once, not in every layer
+    mask = _combined_mask(attn_mask, ~valid, x.dtype)  # once, not in every layer
     for layer in layers.layers:
-        tokens = layer.forward_packed(tokens, index, (batch, length), attn_mask, pad)
+        tokens = layer.forward_packed(tokens, index, (batch, length), mask, None)
     if layers.norm is not None:
         tokens = layers.norm(tokens)
     return x.new_zeros(batch * length, dim).index_copy(0, index, tokens).view(batch, length, dim)
@@ -107,13 +107,21 @@ def _attend(qkv, heads, attn_mask, key_padding_mask, p):
     batch, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     q, k, v = qkv.view(batch, length, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, L, L), unscaled
-    mask = _additive(attn_mask, scores.dtype)
-    key_padding_mask = _additive(key_padding_mask, scores.dtype)
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :]
-        mask = pad if mask is None else mask + pad  # (B, 1, L, L): one add, not one per head
+    mask = _combined_mask(attn_mask, key_padding_mask, scores.dtype)
     weights = dropout(scaled_masked_softmax(scores, (dim // heads) ** -0.5, mask), p, True)
     return torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, dim)
+
+
+def _combined_mask(attn_mask, key_padding_mask, dtype) -> torch.Tensor | None:
+    """The (L, L) attention mask and the (B, L) key padding mask (bool or additive, either may be
+    None) as one additive mask broadcastable to the (B, H, L, L) scores: (B, 1, L, L) with
+    padding, one add per call instead of one per head."""
+    mask = _additive(attn_mask, dtype)
+    pad = _additive(key_padding_mask, dtype)
+    if pad is None:
+        return mask
+    pad = pad[:, None, None, :]
+    return pad if mask is None else mask + pad
 
 
 def scaled_masked_softmax(
@@ -138,7 +146,8 @@ class _ScaledMaskedSoftmax(torch.autograd.Function):
     def forward(ctx, scores, scale, mask):
         y = scores * scale
         if mask is not None:
-            y = y.add_(mask) if mask.shape == y.shape else y + mask
+            # in place whenever the mask broadcasts to the scores' shape, e.g. (B, 1, L, L)
+            y = y.add_(mask) if torch.broadcast_shapes(y.shape, mask.shape) == y.shape else y + mask
         y = y.sub_(y.amax(-1, keepdim=True)).exp_()
         y = y.div_(y.sum(-1, keepdim=True))
         ctx.save_for_backward(y)
