@@ -49,6 +49,7 @@ LEVERS: dict[str, list[str]] = {
     "headlr4": ["train.head_lr_mult=4"],
     "warmup": ["train.warmup_steps=200"],
     "nofused": ["train.fused_adamw=false"],
+    "lr2": ["train.lr=0.002"],  # twice the packaged learning rate (1e-3)
 }
 
 
