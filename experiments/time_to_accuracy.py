@@ -50,6 +50,7 @@ LEVERS: dict[str, list[str]] = {
     "warmup": ["train.warmup_steps=200"],
     "nofused": ["train.fused_adamw=false"],
     "lr2": ["train.lr=0.002"],  # twice the packaged learning rate (1e-3)
+    "layers2": ["model.num_layers=2"],  # half the packaged encoder depth (4 layers)
 }
 
 

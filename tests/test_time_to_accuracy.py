@@ -45,6 +45,9 @@ def test_configuration_names_compose_levers():
     assert tta.overrides_of("hs-kmeans128+mixture+nodes+prior+headlr2") == [
         *base, "model.prior_init=true", "train.head_lr_mult=2",
     ]  # fmt: skip
+    assert tta.overrides_of("dense+mixture+lr2+layers2") == [
+        *tta.CONFIGS["dense+mixture"], "train.lr=0.002", "model.num_layers=2",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="unknown configuration 'dense\\+bogus'"):
         tta.overrides_of("dense+bogus")
 
