@@ -51,6 +51,7 @@ LEVERS: dict[str, list[str]] = {
     "nofused": ["train.fused_adamw=false"],
     "lr2": ["train.lr=0.002"],  # twice the packaged learning rate (1e-3)
     "layers2": ["model.num_layers=2"],  # half the packaged encoder depth (4 layers)
+    "layers3": ["model.num_layers=3"],
 }
 
 

@@ -48,6 +48,7 @@ def test_configuration_names_compose_levers():
     assert tta.overrides_of("dense+mixture+lr2+layers2") == [
         *tta.CONFIGS["dense+mixture"], "train.lr=0.002", "model.num_layers=2",
     ]  # fmt: skip
+    assert tta.overrides_of("dense+mixture+layers3")[-1] == "model.num_layers=3"
     with pytest.raises(ValueError, match="unknown configuration 'dense\\+bogus'"):
         tta.overrides_of("dense+bogus")
 
